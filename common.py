@@ -1,0 +1,545 @@
+"""Plumbing shared by every method file: no loss and no algorithm choice lives here.
+
+Contents, in the order a training script uses them:
+  arguments      parse_args(Args): an argparse CLI from a dataclass, help from field docstrings
+  errors         UserError + run(main): one clear line and exit 1 instead of a stack trace
+  distributed    init_distributed(gpus): --gpus N spawns N processes; torchrun works as-is
+  models         load_model / load_tokenizer, LogprobModel, shard_model, save_checkpoint
+  data           read_jsonl, encode, batches: TRL field names, chat template, left/right padding
+  log-probs      LogprobModel.forward: per-token log-probs without a full fp32 (B, T, V) tensor
+  sampling       sample(): batched KV-cache sampling returning ids, masks and log-probs
+  rewards        extract_answer / reward: compare the last number of a response with the answer
+  evaluation     evaluate(): greedy accuracy on a JSONL split
+  logging        Logger: tqdm bar + <out>/metrics.jsonl, summary.json
+
+Sequence layout used everywhere: a batch row is [left-padded prompt | right-padded response], so
+every response starts at column P (`prompt_width`). Response tensors are (B, R) with R = T - P.
+"""
+
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+WORLD = Path(__file__).resolve().parent / "world"  # the embedded tiny world (see world/build.py)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _field_docs(cls):
+    """Map field name -> the docstring written under it in the class body (CleanRL/tyro style)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def parse_args(cls, argv=None):
+    """Build an argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as
+    `--flag/--no-flag`, help text from the docstring under each field."""
+    import argparse
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=docs.get(f.name, ""))
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=docs.get(f.name, ""))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- errors
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 1."""
+
+
+def run(main):
+    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_distributed(gpus):
+    """Set up this process. Under torchrun (RANK/WORLD_SIZE in the environment) join the group;
+    with --gpus N > 1 and no such environment, re-launch this same command as N processes with
+    torchrun's variables and exit with their status (so both paths run identical code).
+    One process per GPU with NCCL; on a machine without CUDA, N CPU processes with gloo."""
+    if "RANK" not in os.environ and gpus > 1:
+        _spawn(gpus)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world, device)
+
+
+def _spawn(n):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(n):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable] + sys.argv, env=env))
+    code = 0
+    while any(p.poll() is None for p in procs):  # if one process fails, stop the others
+        if any(p.returncode not in (None, 0) for p in procs):
+            code = next(p.returncode for p in procs if p.returncode not in (None, 0))
+            for p in procs:
+                p.terminate()
+        time.sleep(0.2)
+    sys.exit(code or max(p.returncode for p in procs))
+
+
+def all_sum(x, d):
+    """Sum a float or tensor over processes (identity on one process). Returns a float tensor."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
+    if d.world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def rank_slice(items, d):
+    """This process's contiguous share of a global batch (its size must divide by d.world)."""
+    n = len(items) // d.world
+    return items[d.rank * n:(d.rank + 1) * n]
+
+
+def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
+    if batch_size % d.world:
+        raise UserError(f"--{what.replace('_', '-')} {batch_size} does not divide by the {d.world} processes")
+    if (batch_size // d.world) % micro_batch_size:
+        raise UserError(f"the per-process batch {batch_size // d.world} does not divide by "
+                        f"--micro-batch-size {micro_batch_size}")
+
+
+# ----------------------------------------------------------------------------- models
+
+def seed_everything(seed):
+    import random
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from '{path}': no such folder, or it is not on the "
+                        f"Hugging Face hub or in its cache (offline?) [{type(e).__name__}]") from None
+    if tok.pad_token_id is None:  # Llama-style tokenizers ship without one; any id works, it is masked
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class LogprobModel(nn.Module):
+    """A Hugging Face causal LM whose forward returns the log-probs of the response tokens only.
+
+    Why a wrapper: the log-probs are computed from the final hidden states a chunk of rows at a
+    time, each chunk under activation checkpointing, so neither the forward nor the backward ever
+    holds more than one chunk's fp32 (rows, vocab) logits; and under FSDP2 this module is the root
+    unit, so its forward hooks gather the embedding, final norm and head like any other layer.
+    Assumes logits = lm_head(final hidden state), true of Llama, Qwen, Mistral and most others
+    (not of models with logit soft-capping or scaling)."""
+
+    def __init__(self, lm, chunk_bytes=256 * 2**20):
+        super().__init__()
+        self.lm = lm
+        self.chunk_bytes = chunk_bytes  # fp32 logits held at once
+
+    def forward(self, input_ids, attention_mask, prompt_width):
+        """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast(input_ids.device):
+            h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids).last_hidden_state  # (B, T, H)
+        h = h[:, prompt_width - 1:-1]                     # (B, R, H): the states that predict y_t
+        targets = input_ids[:, prompt_width:]             # (B, R)
+        head = self.lm.get_output_embeddings()
+        rows = max(1, self.chunk_bytes // (4 * head.weight.shape[0]))
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        out = []
+        for i in range(0, flat_h.shape[0], rows):
+            args = (flat_h[i:i + rows], head.weight, head.bias, flat_t[i:i + rows])
+            out.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                       else _head_logprobs(*args))
+        return torch.cat(out).view_as(targets)
+
+
+def _head_logprobs(h, weight, bias, targets):
+    """(N, H) hidden states -> (N,) log-softmax of the head's logits at `targets`, in fp32."""
+    logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def autocast(device):
+    """bf16 autocast on GPU (fp32 master weights, bf16 matmuls); nothing on CPU, which runs fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def load_model(path, d, trainable=True):
+    """Load a causal LM from a folder or hub id (a folder with config.json and no weights gets a
+    random initialisation, for benchmarks and for building the tiny world). Trained models stay
+    fp32 (bf16 compute comes from autocast / FSDP mixed precision); frozen ones (reference,
+    teacher) load in bf16 on GPU. Returns a LogprobModel on d.device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    dtype = torch.float32 if trainable or d.device.type == "cpu" else torch.bfloat16
+    p = Path(path)
+    try:
+        if p.is_dir() and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+            torch.manual_seed(0)
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p), dtype=dtype)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model '{path}': no such folder, and it is not on the Hugging Face "
+                        f"hub or in its cache (offline?) [{type(e).__name__}]") from None
+    lm.config.use_cache = False
+    model = LogprobModel(lm).to(d.device)
+    if not trainable:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def shard_model(model, d, gradient_checkpointing=False):
+    """Prepare the trained model: optional gradient checkpointing of each decoder layer, and with
+    several processes FSDP2 (each decoder layer a unit, the wrapper the root), bf16 compute with
+    fp32 gradient reduction on GPU."""
+    if gradient_checkpointing:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if d.world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if d.device.type == "cuda" else MixedPrecisionPolicy())
+        for layer in model.lm.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+    return model
+
+
+def clip_grad(model, max_norm):
+    """Clip the global gradient norm; returns the norm before clipping as a float (FSDP-aware)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def warmup_schedule(optimizer, warmup_steps):
+    """Linear warm-up from 0 to the set learning rate over `warmup_steps`, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def full_params(model):
+    """Context in which the FSDP root's own parameters (embeddings, norm, head) are gathered, for
+    calling the inner HF model directly (sampling). No-op without FSDP."""
+    if hasattr(model, "unshard"):
+        class _Ctx:
+            def __enter__(self):
+                model.unshard()
+
+            def __exit__(self, *exc):
+                model.reshard()
+        return _Ctx()
+    return nullcontext()
+
+
+def save_checkpoint(model, tokenizer, path, d):
+    """save_pretrained (safetensors) into a temporary sibling folder, then rename it into place, so
+    `path` is always either the previous complete checkpoint or the new complete one."""
+    state = None
+    if d.world > 1:  # gather the full state dict on rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.main:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        model.lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    if d.world > 1:
+        dist.barrier()
+
+
+def free_memory(*models):
+    """Move frozen models off the GPU and return the cached blocks to the allocator."""
+    for m in models:
+        m.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_mem_gb(device):
+    """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_jsonl(path, fields):
+    """Read a JSONL file whose records all have `fields` (TRL names: prompt, chosen, rejected,
+    completion, answer, ...). Malformed lines and missing fields are reported with file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file '{path}' does not exist")
+    rows = []
+    with p.open() as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {i} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {i} is not a JSON object")
+            missing = [k for k in fields if k not in row]
+            if missing:
+                raise UserError(f"{path} line {i} has no field '{missing[0]}' (it has: {', '.join(row) or 'nothing'}; "
+                                f"this script reads: {', '.join(fields)})")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"data file '{path}' has no records")
+    return rows
+
+
+def prompt_ids(tokenizer, prompt):
+    """Token ids of a prompt: a plain string as is (with the tokenizer's own BOS), or a list of chat
+    messages through the tokenizer's chat template with the generation prompt appended."""
+    if isinstance(prompt, list):
+        if not tokenizer.chat_template:
+            raise UserError("a prompt is a list of chat messages but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def response_ids(tokenizer, response):
+    """Token ids of a response (a string, or chat messages whose contents are joined), ending in EOS."""
+    if isinstance(response, list):
+        response = "".join(m["content"] for m in response)
+    return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def pad_batch(prompts, responses, pad_id, device):
+    """Lists of prompt / response id lists -> dict of (B, T) input_ids and attention_mask, (B, R)
+    response_mask, and prompt_width P: prompts left-padded to P, responses right-padded to R."""
+    P = max(map(len, prompts))
+    R = max(map(len, responses))
+    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
+        mask[i, P - len(p):P + len(r)] = 1
+    return dict(input_ids=ids.to(device), attention_mask=mask.to(device),
+                response_mask=mask[:, P:].float().to(device), prompt_width=P)
+
+
+def logprobs(model, batch):
+    """(B, R) per-token log-probs of the batch's response tokens under `model` (zero on padding)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
+
+
+def batches(n_items, batch_size, steps, seed):
+    """Index lists for `steps` global batches: reshuffled every epoch, seeded, same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n_items, generator=g).tolist()
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def micro_batches(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False):
+    """Batched generation with the KV cache. `prompts`: list of prompt id lists.
+    Returns the pad_batch dict for [prompt | response] plus `logprobs` (B, R): the log-prob of each
+    sampled token under the sampling distribution (logits / temperature), recorded as it is drawn.
+    Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
+    lm, pad, eos = model.lm, tokenizer.pad_token_id, tokenizer.eos_token_id
+    batch = pad_batch(prompts, [[]] * len(prompts), pad, d.device)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=d.device)
+    tokens, logps, valid = [], [], []
+    with full_params(model), autocast(d.device):
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
+            tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            valid.append(~done)
+            tokens.append(torch.where(done, pad, tok))
+            logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
+            done = done | (tok == eos)
+            if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+            pos = pos[:, -1:] + 1
+            out = lm(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
+                     past_key_values=out.past_key_values, use_cache=True)
+    response = torch.stack(tokens, 1)                                      # (B, R)
+    response_mask = torch.stack(valid, 1).float()                          # (B, R)
+    return dict(input_ids=torch.cat([ids, response], 1),
+                attention_mask=torch.cat([batch["attention_mask"], response_mask.long()], 1),
+                response_mask=response_mask, prompt_width=ids.shape[1], logprobs=torch.stack(logps, 1))
+
+
+def decode_responses(tokenizer, batch):
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+            for r, m in zip(batch["input_ids"][:, batch["prompt_width"]:], batch["response_mask"])]
+
+
+# ----------------------------------------------------------------------------- rewards
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text):
+    """The final answer of a response: its last number (commas dropped), or None."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def reward(response, answer):
+    """Verifiable 0/1 reward: 1.0 when the response's last number equals the reference answer."""
+    got = extract_answer(response)
+    if got is None:
+        return 0.0
+    try:
+        return float(math.isclose(float(got), float(str(answer).replace(",", "")), abs_tol=1e-9))
+    except ValueError:
+        return float(got == str(answer))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256):
+    """Greedy accuracy on a JSONL split of {prompt, answer}; each rank takes a share of the problems."""
+    rows = read_jsonl(path, ("prompt", "answer"))
+    share = math.ceil(len(rows) / d.world)
+    mine = rows[d.rank * share:(d.rank + 1) * share]
+    was_training = model.training
+    model.eval()
+    correct = 0.0
+    for i in range(0, share, batch_size):  # the same number of calls on every rank (collectives)
+        chunk = mine[i:i + batch_size]
+        out = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in chunk or rows[:1]], d,
+                     max_new_tokens, greedy=True)
+        correct += sum(reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, out), chunk))
+    model.train(was_training)
+    return (all_sum(correct, d) / len(rows)).item()
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl."""
+
+    def __init__(self, out, d, total_steps, args):
+        self.d, self.out = d, Path(out)
+        self.bar = tqdm(total=total_steps, disable=not d.main, dynamic_ncols=True)
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").write_text("")
+            (self.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+
+    def banner(self, args, batch_size, micro_batch_size, unit):
+        """Print the arguments and the batch arithmetic once at start-up."""
+        self.print("\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(args).items()))
+        per_rank = batch_size // self.d.world
+        self.print(f"global batch {batch_size} {unit} = {self.d.world} process(es) x {per_rank // micro_batch_size} "
+                   f"micro-batch(es) x {micro_batch_size}; device {self.d.device}")
+
+    def print(self, *msg):
+        if self.d.main:
+            tqdm.write(" ".join(str(m) for m in msg))
+
+    def log(self, step, metrics):
+        if not self.d.main:
+            return
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
+                              if k in ("train/loss", "rewards/accuracy", "train/grad_norm")}, refresh=False)
+        self.bar.update(1)
+
+    def summary(self, **fields):
+        """Write <out>/summary.json and print it."""
+        self.bar.close()
+        if self.d.main:
+            text = json.dumps(fields, indent=2)
+            (self.out / "summary.json").write_text(text + "\n")
+            print(text, flush=True)
+
+
+def check_finite(loss, step, out):
+    """Stop on a NaN or infinite loss, naming the step; the last checkpoint written stays as it was."""
+    if not math.isfinite(loss):
+        ckpt = Path(out) / "model"
+        kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+        raise UserError(f"the loss is {loss} at step {step}; stopping ({kept})")

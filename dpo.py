@@ -1,0 +1,168 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290).
+
+Objective (the paper's Eq. 7): for a prompt x with a chosen response y_w and a rejected one y_l,
+  L = -log sigmoid( beta * [log pi(y_w|x) - log pi_ref(y_w|x)] - beta * [log pi(y_l|x) - log pi_ref(y_l|x)] )
+with log pi(y|x) the SUM of the response tokens' log-probs; mean over the pairs of the batch.
+beta * (log pi - log pi_ref) is the implicit reward (Eq. 5); training raises it for chosen responses.
+
+Run:
+  python dpo.py                                         # tiny world, CPU, about 2 minutes
+  python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl --eval-data test.jsonl --ood-data ood.jsonl
+  python dpo.py --gpus 8 ...                            # or: torchrun --nproc-per-node 8 dpo.py ...
+
+Implementation details:
+  1. Data: JSONL with `prompt`, `chosen`, `rejected` (TRL's names); EOS is appended to both
+     responses and counts in their log-prob. The tiny world's pairs were sampled from the base
+     student: chosen is correct, rejected is wrong (world/build.py).
+  2. One forward over 2B rows per micro-batch: the chosen rows, then the rejected rows, with the
+     prompt repeated (`concatenated_logps`).
+  3. The reference is the initial policy. Its log-probs for every pair this run will use are
+     computed by the policy itself before the first update, so no second model is ever loaded.
+  4. Mean over the pairs of the global batch, whatever the micro-batch size and process count.
+  5. Logged: reward accuracy (r_w > r_l), margin r_w - r_l, and the mean chosen and rejected rewards.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, evaluate,
+                    init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
+                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, run,
+                    save_checkpoint, seed_everything, shard_model, warmup_schedule)
+
+
+@dataclass
+class Args:
+    model: str = str(WORLD / "student")
+    """causal LM to train (and the reference): a local folder or a Hugging Face hub id"""
+    data: str = str(WORLD / "prefs.jsonl")
+    """training JSONL, one {"prompt", "chosen", "rejected"} per line"""
+    eval_data: str = str(WORLD / "test_id.jsonl")
+    """in-distribution test JSONL, one {"prompt", "answer"} per line (greedy accuracy)"""
+    ood_data: str = str(WORLD / "test_ood.jsonl")
+    """out-of-distribution test JSONL, same format"""
+    out: str = "runs/dpo"
+    """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
+    steps: int = 150
+    """optimizer steps"""
+    batch_size: int = 64
+    """preference pairs per optimizer step, over all processes"""
+    micro_batch_size: int = 64
+    """pairs per forward/backward on one process (each is two sequences)"""
+    beta: float = 0.1
+    """DPO temperature: the weight of the implicit reward, i.e. how far from the reference to go"""
+    lr: float = 1e-4
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    max_new_tokens: int = 8
+    """longest response generated at evaluation"""
+    seed: int = 1
+    """seed of data order"""
+    gpus: int = 1
+    """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass to save memory"""
+    save_every: int = 0
+    """also write the checkpoint every this many steps (0: only at the end)"""
+
+
+# ----------------------------------------------------------------------------- the method
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Eq. 7 per pair. Inputs: summed response log-probs, (B,). Returns (losses, chosen_rewards,
+    rejected_rewards), each (B,) and not reduced; the rewards (Eq. 5) are detached, for logging."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)        # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)               # (B,)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def encode_pairs(tokenizer, rows, device):
+    """Preference rows -> one padded batch of 2B sequences: [prompt | chosen] rows, then [prompt | rejected]."""
+    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    responses = ([response_ids(tokenizer, r["chosen"]) for r in rows]
+                 + [response_ids(tokenizer, r["rejected"]) for r in rows])
+    return pad_batch(prompts + prompts, responses, tokenizer.pad_token_id, device)
+
+
+def concatenated_logps(model, batch):
+    """One forward over the 2B rows -> (chosen, rejected) summed response log-probs, each (B,)."""
+    return logprobs(model, batch).sum(-1).chunk(2)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main():
+    args = parse_args(Args)
+    d = init_distributed(args.gpus)
+    check_divisible(args.batch_size, args.micro_batch_size, d)
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    rows = read_jsonl(args.data, ("prompt", "chosen", "rejected"))
+    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log = Logger(args.out, d, args.steps, args)
+    log.banner(args, args.batch_size, args.micro_batch_size, "pairs")
+    plan = [rank_slice(indices, d) for indices in batches(len(rows), args.batch_size, args.steps, args.seed)]
+
+    # Reference log-probs: the initial policy scores every pair this run will use, then trains.
+    model.eval()
+    ref = {}
+    with torch.no_grad():
+        for mb in micro_batches(sorted({i for step in plan for i in step}), args.micro_batch_size):
+            chosen, rejected = concatenated_logps(model, encode_pairs(tokenizer, [rows[i] for i in mb], d.device))
+            ref.update({i: (c, r) for i, c, r in zip(mb, chosen, rejected)})
+    model.train()
+
+    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+
+    start = time.time()
+    for step, mine in enumerate(plan, 1):
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen reward, rejected reward, accuracy, margin
+        for mb in micro_batches(mine, args.micro_batch_size):
+            policy_chosen, policy_rejected = concatenated_logps(
+                model, encode_pairs(tokenizer, [rows[i] for i in mb], d.device))
+            ref_chosen = torch.stack([ref[i][0] for i in mb])
+            ref_rejected = torch.stack([ref[i][1] for i in mb])
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
+            # sum over this micro-batch / this process's share of the batch: the mean over the global
+            # batch once the gradient all-reduce averages the processes
+            (losses.sum() / len(mine)).backward()
+            sums += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                 (chosen_rewards > rejected_rewards).sum(),
+                                 (chosen_rewards - rejected_rewards).sum()]).detach().double().cpu()
+        loss, chosen, rejected, accuracy, margin = (all_sum(sums, d) / args.batch_size).tolist()
+        check_finite(loss, step, args.out)
+        grad_norm = clip_grad(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.log(step, {"train/loss": loss, "rewards/accuracy": accuracy, "rewards/margin": margin,
+                       "rewards/chosen": chosen, "rewards/rejected": rejected, "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    seconds = time.time() - start
+
+    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    log.summary(method="dpo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
+                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3))
+
+
+if __name__ == "__main__":
+    run(main)
