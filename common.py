@@ -111,6 +111,8 @@ def init_distributed(gpus):
     torchrun's variables and exit with their status (so both paths run identical code).
     One process per GPU with NCCL; on a machine without CUDA, N CPU processes with gloo."""
     if "RANK" not in os.environ and gpus > 1:
+        if torch.cuda.is_available() and gpus > torch.cuda.device_count():
+            raise UserError(f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible")
         _spawn(gpus)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -119,7 +121,8 @@ def init_distributed(gpus):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the processes of this machine
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return Dist(rank, world, device)
@@ -421,6 +424,8 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     sampled token under the sampling distribution (logits / temperature), recorded as it is drawn.
     Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
     lm, pad, eos = model.lm, tokenizer.pad_token_id, tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()  # (HF turns the KV cache off in training mode under gradient checkpointing)
     batch = pad_batch(prompts, [[]] * len(prompts), pad, d.device)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -441,6 +446,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
             pos = pos[:, -1:] + 1
             out = lm(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
                      past_key_values=out.past_key_values, use_cache=True)
+    model.train(was_training)
     response = torch.stack(tokens, 1)                                      # (B, R)
     response_mask = torch.stack(valid, 1).float()                          # (B, R)
     return dict(input_ids=torch.cat([ids, response], 1),
@@ -482,15 +488,12 @@ def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256):
     rows = read_jsonl(path, ("prompt", "answer"))
     share = math.ceil(len(rows) / d.world)
     mine = rows[d.rank * share:(d.rank + 1) * share]
-    was_training = model.training
-    model.eval()
     correct = 0.0
     for i in range(0, share, batch_size):  # the same number of calls on every rank (collectives)
         chunk = mine[i:i + batch_size]
         out = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in chunk or rows[:1]], d,
                      max_new_tokens, greedy=True)
         correct += sum(reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, out), chunk))
-    model.train(was_training)
     return (all_sum(correct, d) / len(rows)).item()
 
 

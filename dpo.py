@@ -114,13 +114,12 @@ def main():
     log.banner(args, args.batch_size, args.micro_batch_size, "pairs")
     plan = [rank_slice(indices, d) for indices in batches(len(rows), args.batch_size, args.steps, args.seed)]
 
-    # Reference log-probs: the initial policy scores every pair this run will use, then trains.
+    # Reference log-probs: the initial policy scores every micro-batch this run will train on, then
+    # trains. (Step by step, so every process makes the same number of forward passes under FSDP.)
     model.eval()
-    ref = {}
     with torch.no_grad():
-        for mb in micro_batches(sorted({i for step in plan for i in step}), args.micro_batch_size):
-            chosen, rejected = concatenated_logps(model, encode_pairs(tokenizer, [rows[i] for i in mb], d.device))
-            ref.update({i: (c, r) for i, c, r in zip(mb, chosen, rejected)})
+        ref = [[concatenated_logps(model, encode_pairs(tokenizer, [rows[i] for i in mb], d.device))
+                for mb in micro_batches(mine, args.micro_batch_size)] for mine in plan]
     model.train()
 
     acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
@@ -130,11 +129,9 @@ def main():
     start = time.time()
     for step, mine in enumerate(plan, 1):
         sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen reward, rejected reward, accuracy, margin
-        for mb in micro_batches(mine, args.micro_batch_size):
+        for mb, (ref_chosen, ref_rejected) in zip(micro_batches(mine, args.micro_batch_size), ref[step - 1]):
             policy_chosen, policy_rejected = concatenated_logps(
                 model, encode_pairs(tokenizer, [rows[i] for i in mb], d.device))
-            ref_chosen = torch.stack([ref[i][0] for i in mb])
-            ref_rejected = torch.stack([ref[i][1] for i in mb])
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
             # sum over this micro-batch / this process's share of the batch: the mean over the global

@@ -1,0 +1,352 @@
+"""common.py (and the method files' batching) against naive references on a tiny random model."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import common
+import dpo
+import sft
+
+PROBLEMS = ["1+2=", "37+58=", "5-60=", "99+99=", "0-0=", "12-40=", "7+7=", "50-51="]
+
+
+def solve(prompt):
+    return str(eval(prompt[:-1]))
+
+
+def naive_response_logprobs(model, batch):
+    """(B, R) log-probs of the response tokens from the full (B, T, V) logits of the HF model,
+    position ids counted by hand from each row's first real token."""
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["prompt_width"]
+    B, T = ids.shape
+    pos = torch.zeros_like(ids)
+    for i in range(B):
+        first = int(mask[i].nonzero()[0])
+        pos[i, first:] = torch.arange(T - first)
+    logits = model.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()  # (B, T, V)
+    logp = torch.log_softmax(logits, -1)
+    # the token at column t is predicted by the logits at column t - 1
+    out = logp[:, P - 1:-1].gather(-1, ids[:, P:, None]).squeeze(-1)
+    return out * batch["response_mask"]
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def test_pad_batch_layout(tok, cpu):
+    prompts = [[1, 4, 5], [1, 6]]
+    responses = [[7, 2], [8, 9, 10, 2]]
+    b = common.pad_batch(prompts, responses, tok.pad_token_id, cpu.device)
+    assert b["prompt_width"] == 3
+    assert b["input_ids"].tolist() == [[1, 4, 5, 7, 2, 0, 0], [0, 1, 6, 8, 9, 10, 2]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1]]
+    assert b["response_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def _mixed_batch(tok, cpu):
+    prompts = [common.prompt_ids(tok, p) for p in ["1+2=", "37+58=", "99-100=", "5-6="]]
+    responses = [common.response_ids(tok, c) for c in ["3", "95", "-1", "-1234"]]
+    return common.pad_batch(prompts, responses, tok.pad_token_id, cpu.device)
+
+
+def test_chunked_logprobs_equal_full_logits(model, tok, cpu, monkeypatch):
+    V = model.lm.get_output_embeddings().weight.shape[0]
+    model.chunk_bytes = 4 * V * 3  # three rows of fp32 logits per chunk
+    batch = _mixed_batch(tok, cpu)
+    B, R = batch["response_mask"].shape
+    assert len(set(batch["attention_mask"].sum(-1).tolist())) > 1  # rows really are padded differently
+
+    calls = []
+    real = common._head_logprobs
+    monkeypatch.setattr(common, "_head_logprobs", lambda h, *a: calls.append(h.shape[0]) or real(h, *a))
+    with torch.no_grad():
+        got = common.logprobs(model, batch)
+        want = naive_response_logprobs(model, batch)
+    assert calls == [3] * (B * R // 3) + ([B * R % 3] if B * R % 3 else [])  # several chunks, all rows
+    assert got.shape == (B, R)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got[batch["response_mask"] == 0] == 0).all()
+    assert (got[batch["response_mask"] == 1] < 0).all()
+
+    # and each row equals the same sequence run alone, with no padding at all
+    with torch.no_grad():
+        for i in range(B):
+            keep = batch["attention_mask"][i].bool()
+            ids = batch["input_ids"][i][keep][None]
+            n_resp = int(batch["response_mask"][i].sum())
+            alone = torch.log_softmax(model.lm(input_ids=ids).logits.float(), -1)[0, -n_resp - 1:-1]
+            alone = alone.gather(-1, ids[0, -n_resp:, None]).squeeze(-1)
+            torch.testing.assert_close(got[i, :n_resp], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_logprobs_gradients_equal_full_logits(model, tok, cpu):
+    V = model.lm.get_output_embeddings().weight.shape[0]
+    model.chunk_bytes = 4 * V * 3
+    batch = _mixed_batch(tok, cpu)
+
+    common.logprobs(model, batch).sum().backward()
+    chunked = _grads(model)
+    model.zero_grad(set_to_none=True)
+    naive_response_logprobs(model, batch).sum().backward()
+    full = _grads(model)
+
+    names = {n for n, _ in model.named_parameters()}
+    assert chunked.keys() == full.keys() == names  # every parameter gets a gradient, head included
+    for n in names:
+        assert full[n].abs().sum() > 0, n
+        torch.testing.assert_close(chunked[n], full[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_sample_logprobs_match_recomputed(model, tok, cpu):
+    model.eval()
+    prompts = [common.prompt_ids(tok, p) for p in PROBLEMS]
+    assert len(set(map(len, prompts))) > 1
+    torch.manual_seed(0)
+    out = common.sample(model, tok, prompts, cpu, max_new_tokens=8)
+    P = out["prompt_width"]
+    B, R = out["response_mask"].shape
+    assert B == len(prompts) and out["input_ids"].shape == (B, P + R) and out["logprobs"].shape == (B, R)
+
+    # the prompts are left-padded as pad_batch does it
+    for i, p in enumerate(prompts):
+        assert out["input_ids"][i, P - len(p):P].tolist() == p
+        assert (out["input_ids"][i, :P - len(p)] == tok.pad_token_id).all()
+        assert out["attention_mask"][i, :P].tolist() == [0] * (P - len(p)) + [1] * len(p)
+
+    # response_mask: 1 up to and including the first EOS, 0 after (and pad ids there)
+    response = out["input_ids"][:, P:]
+    eos = tok.eos_token_id
+    stopped = 0
+    for i in range(B):
+        hits = (response[i] == eos).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else R
+        stopped += n < R
+        assert out["response_mask"][i].tolist() == [1.0] * n + [0.0] * (R - n)
+        assert (response[i, n:] == tok.pad_token_id).all()
+        assert (out["logprobs"][i, n:] == 0).all()
+    assert stopped >= 1, "no row stopped at EOS early: the mask test would be vacuous"
+    assert (out["attention_mask"][:, P:] == out["response_mask"]).all()
+
+    with torch.no_grad():
+        again = common.logprobs(model, out)
+    m = out["response_mask"].bool()
+    torch.testing.assert_close(out["logprobs"][m], again[m], atol=1e-4, rtol=1e-4)
+    assert (out["logprobs"][m] < 0).all()
+
+
+def test_sample_greedy_is_deterministic_argmax(model, tok, cpu):
+    model.eval()
+    prompts = [common.prompt_ids(tok, p) for p in PROBLEMS[:5]]
+    torch.manual_seed(1)
+    a = common.sample(model, tok, prompts, cpu, max_new_tokens=6, greedy=True)
+    torch.manual_seed(2)
+    b = common.sample(model, tok, prompts, cpu, max_new_tokens=6, greedy=True)
+    for k in ("input_ids", "attention_mask", "response_mask", "logprobs"):
+        assert torch.equal(a[k], b[k]), k
+    # each greedy token is the argmax of the full-forward distribution at its position
+    P = a["prompt_width"]
+    with torch.no_grad():
+        pos = (a["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model.lm(input_ids=a["input_ids"], attention_mask=a["attention_mask"], position_ids=pos).logits
+    best = logits[:, P - 1:-1].argmax(-1)
+    m = a["response_mask"].bool()
+    assert torch.equal(best[m], a["input_ids"][:, P:][m])
+
+
+# ----------------------------------------------------------------------------- DPO batching
+
+PAIRS = [{"prompt": "12+3=", "chosen": "15", "rejected": "9"},
+         {"prompt": "7-58=", "chosen": "-51", "rejected": "1234"},
+         {"prompt": "99+99=", "chosen": "198", "rejected": "-2"}]
+
+
+def test_concatenated_logps_equal_separate_forwards(model, tok, cpu):
+    batch = dpo.encode_pairs(tok, PAIRS, cpu.device)
+    assert batch["input_ids"].shape[0] == 2 * len(PAIRS)
+    with torch.no_grad():
+        chosen, rejected = dpo.concatenated_logps(model, batch)
+        sep = {}
+        for key in ("chosen", "rejected"):
+            b = common.pad_batch([common.prompt_ids(tok, r["prompt"]) for r in PAIRS],
+                                 [common.response_ids(tok, r[key]) for r in PAIRS], tok.pad_token_id, cpu.device)
+            sep[key] = common.logprobs(model, b).sum(-1)
+    assert chosen.shape == rejected.shape == (len(PAIRS),)
+    torch.testing.assert_close(chosen, sep["chosen"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rejected, sep["rejected"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(chosen, rejected)  # the halves are really different sequences
+
+
+# ----------------------------------------------------------------------------- SFT accumulation
+
+def test_micro_batch_accumulation_equals_one_batch(model, tok, cpu):
+    prompts = [common.prompt_ids(tok, p) for p in PROBLEMS]
+    completions = [common.response_ids(tok, solve(p)) for p in PROBLEMS]
+    n_tokens = sum(map(len, completions))
+
+    full = common.pad_batch(prompts, completions, tok.pad_token_id, cpu.device)
+    loss_full = sft.sft_loss(common.logprobs(model, full), full["response_mask"], n_tokens)
+    loss_full.backward()
+    g_full = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    loss_sum = 0.0
+    for mb in common.micro_batches(list(range(len(PROBLEMS))), 2):
+        b = common.pad_batch([prompts[i] for i in mb], [completions[i] for i in mb], tok.pad_token_id, cpu.device)
+        loss = sft.sft_loss(common.logprobs(model, b), b["response_mask"], n_tokens)
+        loss.backward()  # accumulates into .grad
+        loss_sum += loss.item()
+    g_acc = _grads(model)
+
+    assert loss_sum == pytest.approx(loss_full.item(), rel=1e-5)
+    assert g_full.keys() == g_acc.keys() and len(g_full) == len(list(model.parameters()))
+    for n in g_full:
+        torch.testing.assert_close(g_acc[n], g_full[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_round_trip(tiny_model_dir):
+    tok = common.load_tokenizer(tiny_model_dir)
+    ids = tok("37-58=").input_ids
+    assert ids[0] == tok.bos_token_id
+    assert len(ids) == 1 + len("37-58=")  # character level
+    assert tok.decode(ids, skip_special_tokens=True) == "37-58="
+    assert None not in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
+    assert common.prompt_ids(tok, "37-58=") == ids
+    r = common.response_ids(tok, "-21")
+    assert r[-1] == tok.eos_token_id and tok.bos_token_id not in r
+    assert tok.decode(r, skip_special_tokens=True) == "-21"
+
+
+# ----------------------------------------------------------------------------- rewards
+
+@pytest.mark.parametrize("response, answer, expected", [
+    ("95", "95", 1.0),
+    ("-28", "-28", 1.0),
+    ("the answer is 1,234", "1234", 1.0),
+    ("12 then 13", "12", 0.0),   # the last number counts
+    ("12 then 13", "13", 1.0),
+    ("", "5", 0.0),
+    ("no digits", "5", 0.0),
+    ("28", "-28", 0.0),
+    ("95", 95, 1.0),             # answers may be JSON numbers
+])
+def test_reward(response, answer, expected):
+    assert common.reward(response, answer) == expected
+
+
+def test_extract_answer():
+    assert common.extract_answer("95") == "95"
+    assert common.extract_answer("-28") == "-28"
+    assert common.extract_answer("the answer is 1,234") == "1234"
+    assert common.extract_answer("12 then 13") == "13"
+    assert common.extract_answer("") is None
+
+
+# ----------------------------------------------------------------------------- data errors
+
+def test_read_jsonl_ok(tmp_path):
+    p = tmp_path / "ok.jsonl"
+    p.write_text('{"prompt": "1+1=", "answer": "2"}\n\n{"prompt": "2+2=", "answer": "4", "x": 1}\n')
+    rows = common.read_jsonl(p, ("prompt", "answer"))
+    assert [r["answer"] for r in rows] == ["2", "4"]
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    p = tmp_path / "nope.jsonl"
+    with pytest.raises(common.UserError, match=re.escape(str(p))):
+        common.read_jsonl(p, ("prompt",))
+
+
+def test_read_jsonl_malformed_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
+    with pytest.raises(common.UserError) as e:
+        common.read_jsonl(p, ("prompt", "answer"))
+    assert str(p) in str(e.value) and "line 2" in str(e.value)
+
+
+def test_read_jsonl_missing_field(tmp_path):
+    p = tmp_path / "field.jsonl"
+    p.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                 '{"prompt": "1+1=", "chosen": "2"}\n')
+    with pytest.raises(common.UserError) as e:
+        common.read_jsonl(p, ("prompt", "chosen", "rejected"))
+    assert "'rejected'" in str(e.value) and "line 2" in str(e.value) and str(p) in str(e.value)
+
+
+def test_read_jsonl_not_an_object_and_empty(tmp_path):
+    p = tmp_path / "list.jsonl"
+    p.write_text('[1, 2]\n')
+    with pytest.raises(common.UserError, match="line 1"):
+        common.read_jsonl(p, ("prompt",))
+    q = tmp_path / "empty.jsonl"
+    q.write_text("\n\n")
+    with pytest.raises(common.UserError, match="no records"):
+        common.read_jsonl(q, ("prompt",))
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def test_parse_args_values():
+    a = common.parse_args(dpo.Args, ["--beta", "0.5", "--no-gradient-checkpointing", "--steps", "3",
+                                     "--micro-batch-size", "8", "--out", "x/y"])
+    assert isinstance(a, dpo.Args)
+    assert a.beta == 0.5 and isinstance(a.beta, float)
+    assert a.gradient_checkpointing is False
+    assert a.steps == 3 and isinstance(a.steps, int)
+    assert a.micro_batch_size == 8 and a.out == "x/y"
+    assert a.lr == dpo.Args.lr  # untouched fields keep their defaults
+    assert common.parse_args(dpo.Args, ["--gradient-checkpointing"]).gradient_checkpointing is True
+    assert common.parse_args(sft.Args, []) == sft.Args()
+
+
+def test_parse_args_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(dpo.Args, ["--steps", "many"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        common.parse_args(dpo.Args, ["--no-such-flag"])
+
+
+def test_parse_args_help_from_docstrings(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as e:
+        common.parse_args(dpo.Args, ["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "DPO temperature: the weight of the implicit reward" in text
+    assert "--beta" in text and "--no-gradient-checkpointing" in text
+    assert "recompute decoder-layer activations" in text
+    assert text.count("Direct Preference Optimization") == 1  # the description: the module's first line
+
+
+# ----------------------------------------------------------------------------- data order
+
+def test_batches_deterministic_and_cover_each_epoch():
+    n, B, steps = 10, 4, 5  # 20 indices: two epochs, batches straddle the epoch boundary
+    a = common.batches(n, B, steps, seed=3)
+    assert a == common.batches(n, B, steps, seed=3)
+    assert a != common.batches(n, B, steps, seed=4)
+    assert len(a) == steps and all(len(b) == B for b in a)
+    order = [i for b in a for i in b]
+    for e in range(steps * B // n):
+        assert sorted(order[e * n:(e + 1) * n]) == list(range(n))
+    assert order[:n] != order[n:2 * n]  # reshuffled each epoch
+
+
+def test_batches_partial_last_epoch():
+    a = common.batches(7, 3, 4, seed=0)  # 12 indices: one full epoch, then 5 of the next
+    order = [i for b in a for i in b]
+    assert sorted(order[:7]) == list(range(7))
+    assert len(set(order[7:])) == 5  # no repeats inside the second epoch
