@@ -20,6 +20,10 @@ Implementation details:
      computed by the policy itself before the first update, so no second model is ever loaded.
   4. Mean over the pairs of the global batch, whatever the micro-batch size and process count.
   5. Logged: reward accuracy (r_w > r_l), margin r_w - r_l, and the mean chosen and rejected rewards.
+  6. Deviation: the default beta is 1.0, not the usual 0.1, tuned on the tiny world (2-4 token
+     responses). There, beta 0.1 lets both implicit rewards fall while their margin grows, and
+     greedy accuracy drops (33% -> 24% at lr 1e-4; 33% -> 25% at lr 1e-5); beta 1.0 at lr 3e-5
+     gives 33% -> 63%. Pass --beta 0.1 on real models, as in the paper.
 """
 
 import time
@@ -52,9 +56,9 @@ class Args:
     """preference pairs per optimizer step, over all processes"""
     micro_batch_size: int = 64
     """pairs per forward/backward on one process (each is two sequences)"""
-    beta: float = 0.1
-    """DPO temperature: the weight of the implicit reward, i.e. how far from the reference to go"""
-    lr: float = 1e-4
+    beta: float = 1.0
+    """DPO beta: the weight of the implicit reward; larger keeps the policy closer to the reference"""
+    lr: float = 3e-5
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
     """linear learning-rate warm-up"""

@@ -94,14 +94,28 @@ def sft(init, out, steps, seed):
 
 @torch.no_grad()
 def respond(folder, prompts, n, greedy, batch_size=512):
-    """n responses per prompt from the model in `folder` (greedy, or sampled at temperature 1)."""
+    """n (response, sequence log-prob) per prompt from the model in `folder` (greedy, or sampled at
+    temperature 1)."""
     d = Dist(0, 1, torch.device("cpu"))
     model, tok = load_model(folder, d, trainable=False), load_tokenizer(folder)
     out = []
     for chunk in micro_batches([p for p in prompts for _ in range(n)], batch_size):
         batch = sample(model, tok, [prompt_ids(tok, p) for p in chunk], d, max_new_tokens=8, greedy=greedy)
-        out += decode_responses(tok, batch)
+        out += zip(decode_responses(tok, batch), batch["logprobs"].sum(-1).tolist())
     return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def preference_pairs(prompts, samples):
+    """From k sampled responses of the base student per prompt: rejected is the first wrong sample,
+    chosen the first correct one, or the reference answer when none is correct. Prompts with no
+    wrong sample are skipped. (Choosing the most likely wrong sample instead made DPO worse here.)"""
+    pairs = []
+    for p, group in zip(prompts, samples):
+        right = [s for s, _ in group if reward(s, solve(p))]
+        wrong = [s for s, _ in group if not reward(s, solve(p))]
+        if wrong:
+            pairs.append({"prompt": p, "chosen": right[0] if right else solve(p), "rejected": wrong[0]})
+    return pairs
 
 
 def main():
@@ -138,18 +152,11 @@ def main():
     # RL / distillation prompts, with each teacher's greedy response (raw: not filtered for correctness).
     large = respond(WORLD / "teacher_large", train, 1, greedy=True)
     small = respond(WORLD / "teacher_small", train, 1, greedy=True)
-    write_jsonl(WORLD / "prompts.jsonl", [{"prompt": p, "answer": solve(p), "teacher_responses": [a[0], b[0]]}
+    write_jsonl(WORLD / "prompts.jsonl", [{"prompt": p, "answer": solve(p), "teacher_responses": [a[0][0], b[0][0]]}
                                           for p, a, b in zip(train, large, small)])
 
-    # Preference pairs from 8 samples of the base student per prompt: rejected is a wrong sample;
-    # chosen is a correct sample, or the reference answer when none of the 8 is correct.
-    pref_prompts = train[:PREF_PROMPTS]
-    pairs = []
-    for p, samples in zip(pref_prompts, respond(WORLD / "student", pref_prompts, 8, greedy=False)):
-        right = [s for s in samples if reward(s, solve(p))]
-        wrong = [s for s in samples if not reward(s, solve(p))]
-        if wrong:
-            pairs.append({"prompt": p, "chosen": right[0] if right else solve(p), "rejected": wrong[0]})
+    # Preference pairs from 8 samples of the base student per prompt.
+    pairs = preference_pairs(train[:PREF_PROMPTS], respond(WORLD / "student", train[:PREF_PROMPTS], 8, greedy=False))
     write_jsonl(WORLD / "prefs.jsonl", pairs)
     print(f"{len(pairs)} preference pairs, {len(train)} RL prompts")
     assert 0.15 <= results["student"]["accuracy_after"] <= 0.60, "student accuracy out of range"
