@@ -204,8 +204,13 @@ class LogprobModel(nn.Module):
         self.lm = lm
         self.chunk_bytes = chunk_bytes  # fp32 logits held at once
 
-    def forward(self, input_ids, attention_mask, prompt_width):
-        """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width."""
+    def forward(self, input_ids, attention_mask, prompt_width, **generation_kwargs):
+        """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width.
+        With prompt_width=None it is the plain HF forward (logits, KV cache) that sample() steps with:
+        going through this module keeps FSDP2's hooks in charge of gathering the parameters."""
+        if prompt_width is None:
+            with autocast(input_ids.device):
+                return self.lm(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with autocast(input_ids.device):
             h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -283,20 +288,6 @@ def clip_grad(model, max_norm):
 def warmup_schedule(optimizer, warmup_steps):
     """Linear warm-up from 0 to the set learning rate over `warmup_steps`, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-
-
-def full_params(model):
-    """Context in which the FSDP root's own parameters (embeddings, norm, head) are gathered, for
-    calling the inner HF model directly (sampling). No-op without FSDP."""
-    if hasattr(model, "unshard"):
-        class _Ctx:
-            def __enter__(self):
-                model.unshard()
-
-            def __exit__(self, *exc):
-                model.reshard()
-        return _Ctx()
-    return nullcontext()
 
 
 def save_checkpoint(model, tokenizer, path, d):
@@ -423,7 +414,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     Returns the pad_batch dict for [prompt | response] plus `logprobs` (B, R): the log-prob of each
     sampled token under the sampling distribution (logits / temperature), recorded as it is drawn.
     Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
-    lm, pad, eos = model.lm, tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     was_training = model.training
     model.eval()  # (HF turns the KV cache off in training mode under gradient checkpointing)
     batch = pad_batch(prompts, [[]] * len(prompts), pad, d.device)
@@ -431,21 +422,20 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=d.device)
     tokens, logps, valid = [], [], []
-    with full_params(model), autocast(d.device):
-        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        for _ in range(max_new_tokens):
-            logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
-            tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
-            valid.append(~done)
-            tokens.append(torch.where(done, pad, tok))
-            logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
-            done = done | (tok == eos)
-            if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            pos = pos[:, -1:] + 1
-            out = lm(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=pos,
-                     past_key_values=out.past_key_values, use_cache=True)
+    out = model(ids, mask, None, position_ids=pos, use_cache=True, logits_to_keep=1)
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
+        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        valid.append(~done)
+        tokens.append(torch.where(done, pad, tok))
+        logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
+        done = done | (tok == eos)
+        if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        pos = pos[:, -1:] + 1
+        out = model(tokens[-1][:, None], mask, None, position_ids=pos, past_key_values=out.past_key_values,
+                    use_cache=True)
     model.train(was_training)
     response = torch.stack(tokens, 1)                                      # (B, R)
     response_mask = torch.stack(valid, 1).float()                          # (B, R)

@@ -325,7 +325,7 @@ def test_parse_args_help_from_docstrings(capsys, monkeypatch):
         common.parse_args(dpo.Args, ["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "DPO temperature: the weight of the implicit reward" in text
+    assert "DPO beta: the weight of the implicit reward" in text
     assert "--beta" in text and "--no-gradient-checkpointing" in text
     assert "recompute decoder-layer activations" in text
     assert text.count("Direct Preference Optimization") == 1  # the description: the module's first line
