@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (WORLD, Logger, UserError, all_sum, batches, check_divisible, check_finite, clip_grad,
+from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad,
                     evaluate, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
                     pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids,
                     run, save_checkpoint, seed_everything, shard_model, warmup_schedule)
