@@ -204,8 +204,14 @@ class LogprobModel(nn.Module):
         self.lm = lm
         self.chunk_bytes = chunk_bytes  # fp32 logits held at once
 
-    def forward(self, input_ids, attention_mask, prompt_width, **generation_kwargs):
+    def forward(self, input_ids, attention_mask, prompt_width, gather=None, topk=0, entropy=False,
+                **generation_kwargs):
         """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width.
+        Optional extras, computed from the same logits chunk by chunk and without gradient; when any
+        is asked for, the return value is a dict with `logp` (B, R) and the extras:
+          gather=ids (B, R, K)  -> `gather_logp` (B, R, K): log pi at the given token ids
+          topk=K                -> `topk_ids`, `topk_logp` (B, R, K): the K most likely tokens
+          entropy=True          -> `entropy` (B, R): entropy of pi(. | x, y_<t)
         With prompt_width=None it is the plain HF forward (logits, KV cache) that sample() steps with:
         going through this module keeps FSDP2's hooks in charge of gathering the parameters."""
         if prompt_width is None:
@@ -219,19 +225,44 @@ class LogprobModel(nn.Module):
         targets = input_ids[:, prompt_width:]             # (B, R)
         head = self.lm.get_output_embeddings()
         rows = max(1, self.chunk_bytes // (4 * head.weight.shape[0]))
-        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        out = []
-        for i in range(0, flat_h.shape[0], rows):
-            args = (flat_h[i:i + rows], head.weight, head.bias, flat_t[i:i + rows])
-            out.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                       else _head_logprobs(*args))
-        return torch.cat(out).view_as(targets)
+        N = targets.numel()
+        flat_h, flat_t = h.reshape(N, h.shape[-1]), targets.reshape(N)
+        flat_g = None if gather is None else gather.reshape(N, -1)
+        chunks = []
+        for i in range(0, N, rows):
+            args = (flat_h[i:i + rows], head.weight, head.bias, flat_t[i:i + rows],
+                    None if flat_g is None else flat_g[i:i + rows], topk, entropy)
+            chunks.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else _head_logprobs(*args))
+        logp = torch.cat([c[0] for c in chunks]).view_as(targets)
+        if gather is None and not topk and not entropy:
+            return logp
+        names = (["gather_logp"] if gather is not None else []) + (["topk_ids", "topk_logp"] if topk else []) \
+            + (["entropy"] if entropy else [])
+        out = {"logp": logp}
+        for j, name in enumerate(names, 1):
+            x = torch.cat([c[j] for c in chunks])         # (N, ...)
+            out[name] = x.view(*targets.shape, *x.shape[1:])
+        return out
 
 
-def _head_logprobs(h, weight, bias, targets):
-    """(N, H) hidden states -> (N,) log-softmax of the head's logits at `targets`, in fp32."""
+def _head_logprobs(h, weight, bias, targets, gather=None, topk=0, entropy=False):
+    """(N, H) hidden states -> (N,) log-softmax of the head's logits at `targets`, in fp32, followed
+    (when asked for) by detached extras: log-probs at `gather` (N, K), top-k ids and log-probs
+    (N, k), entropy (N,)."""
     logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    lse = logits.logsumexp(-1)                                   # (N,)
+    out = [logits.gather(-1, targets[:, None]).squeeze(-1) - lse]
+    with torch.no_grad():
+        logp = logits.detach() - lse.detach()[:, None] if (gather is not None or topk or entropy) else None
+        if gather is not None:
+            out.append(logp.gather(-1, gather))
+        if topk:
+            values, ids = logp.topk(topk, -1)
+            out += [ids, values]
+        if entropy:
+            out.append(-(logp.exp() * logp).sum(-1))
+    return tuple(out)
 
 
 def autocast(device):
@@ -310,6 +341,16 @@ def save_checkpoint(model, tokenizer, path, d):
         shutil.rmtree(old, ignore_errors=True)
     if d.world > 1:
         dist.barrier()
+
+
+def check_same_tokenizer(student, teacher, teacher_path):
+    """Distillation compares log-probs token id by token id: refuse a teacher whose vocabulary or
+    special tokens differ from the student's."""
+    same = (student.get_vocab() == teacher.get_vocab()
+            and (student.bos_token_id, student.eos_token_id) == (teacher.bos_token_id, teacher.eos_token_id))
+    if not same:
+        raise UserError(f"the teacher '{teacher_path}' has a different tokenizer from the student's (vocabulary "
+                        f"or special token ids differ); on-policy distillation needs the same token ids")
 
 
 def free_memory(*models):
@@ -409,10 +450,11 @@ def micro_batches(items, size):
 # ----------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False):
+def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0):
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
     Returns the pad_batch dict for [prompt | response] plus `logprobs` (B, R): the log-prob of each
-    sampled token under the sampling distribution (logits / temperature), recorded as it is drawn.
+    sampled token under the sampling distribution (logits / temperature), recorded as it is drawn;
+    with topk=K also `topk_ids`, `topk_logprobs` (B, R, K): that distribution's K most likely tokens.
     Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     was_training = model.training
@@ -421,14 +463,16 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     ids, mask = batch["input_ids"], batch["attention_mask"]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=d.device)
-    tokens, logps, valid = [], [], []
+    tokens, logps, valid, top = [], [], [], []
     out = model(ids, mask, None, position_ids=pos, use_cache=True, logits_to_keep=1)
     for _ in range(max_new_tokens):
         logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
-        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        tok = logp.argmax(-1) if greedy else _inverse_cdf(logp, d)
         valid.append(~done)
         tokens.append(torch.where(done, pad, tok))
         logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
+        if topk:
+            top.append(logp.topk(topk, -1))
         done = done | (tok == eos)
         if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
             break
@@ -439,9 +483,23 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     model.train(was_training)
     response = torch.stack(tokens, 1)                                      # (B, R)
     response_mask = torch.stack(valid, 1).float()                          # (B, R)
-    return dict(input_ids=torch.cat([ids, response], 1),
-                attention_mask=torch.cat([batch["attention_mask"], response_mask.long()], 1),
-                response_mask=response_mask, prompt_width=ids.shape[1], logprobs=torch.stack(logps, 1))
+    out = dict(input_ids=torch.cat([ids, response], 1),
+               attention_mask=torch.cat([batch["attention_mask"], response_mask.long()], 1),
+               response_mask=response_mask, prompt_width=ids.shape[1], logprobs=torch.stack(logps, 1))
+    if topk:
+        out["topk_logprobs"] = torch.stack([t.values for t in top], 1)  # (B, R, K)
+        out["topk_ids"] = torch.stack([t.indices for t in top], 1)      # (B, R, K)
+    return out
+
+
+def _inverse_cdf(logp, d):
+    """Draw one token per row of logp (B, V) by inverse-CDF sampling. One uniform per row of the
+    GLOBAL batch is drawn on every process (all ranks share the RNG state) and each rank uses its
+    own block, so a seeded run samples the same responses on 1 or N processes."""
+    B = logp.shape[0]
+    u = torch.rand(d.world * B, device=logp.device)[d.rank * B:(d.rank + 1) * B]      # (B,)
+    cdf = logp.exp().cumsum(-1)                                                        # (B, V)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
 def decode_responses(tokenizer, batch):
@@ -518,7 +576,7 @@ class Logger:
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                              if k in ("train/loss", "rewards/accuracy", "train/grad_norm")}, refresh=False)
+                              if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")}, refresh=False)
         self.bar.update(1)
 
     def summary(self, **fields):

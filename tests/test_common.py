@@ -104,6 +104,51 @@ def test_chunked_logprobs_gradients_equal_full_logits(model, tok, cpu):
         torch.testing.assert_close(chunked[n], full[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_logprob_extras_equal_full_logits(model, tok, cpu):
+    """gather / topk / entropy come from the same chunked logits, match a full log_softmax, carry no
+    gradient, and leave the main log-probs (and their gradient) unchanged."""
+    V = model.lm.get_output_embeddings().weight.shape[0]
+    model.chunk_bytes = 4 * V * 3
+    batch = _mixed_batch(tok, cpu)
+    ids, mask, P = batch["input_ids"], batch["attention_mask"], batch["prompt_width"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = torch.log_softmax(model.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(),
+                                 -1)[:, P - 1:-1]                                      # (B, R, V)
+    B, R = batch["response_mask"].shape
+    gather = torch.randint(0, V, (B, R, 5), generator=torch.Generator().manual_seed(0))
+    out = model(ids, mask, P, gather=gather, topk=4, entropy=True)
+    assert out["gather_logp"].shape == (B, R, 5) and out["topk_ids"].shape == (B, R, 4)
+    torch.testing.assert_close(out["gather_logp"], full.gather(-1, gather), atol=1e-5, rtol=1e-5)
+    values, indices = full.topk(4, -1)
+    torch.testing.assert_close(out["topk_logp"], values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out["topk_ids"], indices)
+    torch.testing.assert_close(out["entropy"], -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
+    for k in ("gather_logp", "topk_logp", "entropy"):
+        assert not out[k].requires_grad, k
+    plain = model(ids, mask, P)
+    torch.testing.assert_close(out["logp"], plain)
+    (out["logp"] * batch["response_mask"]).sum().backward()
+    with_extras = _grads(model)
+    model.zero_grad(set_to_none=True)
+    common.logprobs(model, batch).sum().backward()
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(with_extras[n], g, msg=n)
+
+
+def test_check_same_tokenizer(tiny_model_dir, tmp_path):
+    from world.build import make_tokenizer
+    a = common.load_tokenizer(tiny_model_dir)
+    common.check_same_tokenizer(a, common.load_tokenizer(tiny_model_dir), "t")
+    other = tmp_path / "other"
+    other.mkdir()
+    make_tokenizer(other)
+    b = common.load_tokenizer(other)
+    b.add_tokens(["*"])
+    with pytest.raises(common.UserError, match="different tokenizer"):
+        common.check_same_tokenizer(a, b, "t")
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_sample_logprobs_match_recomputed(model, tok, cpu):
@@ -141,6 +186,44 @@ def test_sample_logprobs_match_recomputed(model, tok, cpu):
     m = out["response_mask"].bool()
     torch.testing.assert_close(out["logprobs"][m], again[m], atol=1e-4, rtol=1e-4)
     assert (out["logprobs"][m] < 0).all()
+
+
+def test_sample_records_topk_of_the_sampling_distribution(model, tok, cpu):
+    model.eval()
+    prompts = [common.prompt_ids(tok, p) for p in PROBLEMS[:5]]
+    torch.manual_seed(0)
+    out = common.sample(model, tok, prompts, cpu, max_new_tokens=6, temperature=0.7, topk=3)
+    B, R = out["response_mask"].shape
+    assert out["topk_ids"].shape == out["topk_logprobs"].shape == (B, R, 3)
+    P = out["prompt_width"]
+    with torch.no_grad():
+        pos = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model.lm(input_ids=out["input_ids"], attention_mask=out["attention_mask"], position_ids=pos).logits
+    want = torch.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).topk(3, -1)
+    m = out["response_mask"].bool()
+    torch.testing.assert_close(out["topk_logprobs"][m], want.values[m], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out["topk_ids"][m], want.indices[m])
+
+
+def test_inverse_cdf_sampling_frequencies_and_process_split():
+    """Tokens are drawn with the right probabilities, and the draws of a global batch split over two
+    processes equal those of one process with the same seed (what makes RL runs match on 1 and N)."""
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3])
+    logp = probs.log().expand(40000, 4)
+    torch.manual_seed(0)
+    draws = common._inverse_cdf(logp, common.Dist(0, 1, torch.device("cpu")))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert freq[1] == 0
+
+    logp = torch.log_softmax(torch.randn(6, 9), -1)
+    torch.manual_seed(3)
+    one = common._inverse_cdf(logp, common.Dist(0, 1, torch.device("cpu")))
+    halves = []
+    for rank in (0, 1):
+        torch.manual_seed(3)
+        halves.append(common._inverse_cdf(logp[rank * 3:(rank + 1) * 3], common.Dist(rank, 2, torch.device("cpu"))))
+    assert torch.equal(one, torch.cat(halves))
 
 
 def test_sample_greedy_is_deterministic_argmax(model, tok, cpu):
