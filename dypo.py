@@ -1,0 +1,292 @@
+"""Dynamic Policy Optimization, DYPO (Zhu et al. 2026, "Bridging SFT and RL: Dynamic Policy
+Optimization for Robust Reasoning", arXiv 2604.08926): SFT and RL in one objective, gated per prompt.
+
+Per step, each prompt q gets k sampled responses with 0/1 rewards; phi(q) = the number right.
+  Hard (phi = 0):  nothing to learn from the samples -> multi-teacher SFT on a teacher trace (Eq. 5)
+  Mid  (0<phi<k):  the group has contrast          -> alpha * GRPO + (1 - alpha) * GAL (Eq. 14)
+  Easy (phi = k):  nothing to learn                -> dropped
+Objective (the paper's Eq. 4), one loss and one optimizer step:
+  L = E_q[ 1_H(q) * gamma * L_SFT(q) + 1_M(q) * (alpha * L_GRPO(q) + (1 - alpha) * L_GAL(q)) ]
+  L_SFT(q) = -log pi(tau | q), tau drawn uniformly from the m teachers' responses to q   (Eq. 5)
+  L_GAL(q) = mean over (success s, failure f) pairs of the group of
+             -log sigmoid(beta * ([log pi(s) - log pi_ref(s)] - [log pi(f) - log pi_ref(f)]))  (Eq. 14)
+  L_GRPO(q) = the clipped surrogate with group-normalised advantages (R - mean) / (std + 1e-6)
+
+Run:
+  python dypo.py                                       # tiny world, CPU, about 2 minutes
+  python dypo.py --model Qwen/Qwen2.5-Math-1.5B --data train.jsonl --eval-data test.jsonl \\
+      --ood-data ood.jsonl --max-new-tokens 1024 --gpus 1
+  python dypo.py --gpus 8 ...                          # or: torchrun --nproc-per-node 8 dypo.py ...
+
+Implementation details:
+  1. Data: JSONL with `prompt`, `answer` and `teacher_responses` (a list: one response per teacher;
+     the tiny world has two, from a large and a small teacher). A Hard prompt without teacher
+     responses is skipped, counted (`data/hard_without_teacher`) and warned about once.
+  2. E_q is the mean over all prompts of the step, Easy ones included (they add 0), so the loss
+     does not depend on how the prompts fall into micro-batches or processes.
+  3. L_SFT is the sequence NLL of the trace as Eq. 5 writes it (a sum over its tokens, EOS
+     included). L_GRPO(q) averages each response's tokens, then the k responses (GRPO's own
+     normalisation); the advantage std is the unbiased one (torch.std).
+  4. The ratio of GRPO is taken against the log-probs recorded while sampling, and there is one
+     optimizer step per rollout batch, so the update is on-policy and the clip only guards
+     against the numerical gap between sampling and training (bf16 on GPU).
+  5. pi_ref in GAL is the initial policy, a frozen copy (bf16 on GPU) that scores the Mid responses
+     in one no-grad forward per micro-batch. GAL's value is computed from log-probs that carry
+     gradient; a test checks that it trains.
+  6. One forward per micro-batch over the Mid prompts' k responses and the Hard prompts' teacher
+     traces together. `--micro-batch-size` counts prompts. A micro-batch with nothing to train
+     runs one zero-weight row, so every process makes the same forward calls under FSDP.
+  7. gamma (the SFT weight) is not given in the paper: 1.0 here (`--sft-weight`).
+  8. The paper's public code differs from the paper; this file follows the paper:
+     (a) the code takes separate optimizer steps for the SFT and RL parts, not one objective;
+     (b) it adds lambda * GAL to a GSPO loss rather than alpha-mixing GAL with GRPO;
+     (c) it uses beta 0.1 and no reference model in GAL (here beta 1 and pi_ref, as Eq. 14);
+     (d) one commit computed GAL from detached log-probs, so GAL had no gradient.
+  9. Baselines from the same file: `--alpha 1 --sft-weight 0` is plain GRPO (Hard and Easy groups
+     have zero GRPO advantage anyway); the README's SFT-then-RL row runs sft.py on the teacher
+     traces (world/teacher_sft.jsonl) and then that GRPO, for the same number of steps in total.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
+                    evaluate, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
+                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, reward, run,
+                    sample, save_checkpoint, seed_everything, shard_model, UserError, warmup_schedule)
+
+
+@dataclass
+class Args:
+    model: str = str(WORLD / "student")
+    """causal LM to train (and the frozen reference of GAL): a local folder or a Hugging Face hub id"""
+    data: str = str(WORLD / "prompts.jsonl")
+    """training JSONL, one {"prompt", "answer", "teacher_responses": [...]} per line"""
+    eval_data: str = str(WORLD / "test_id.jsonl")
+    """in-distribution test JSONL, one {"prompt", "answer"} per line (greedy accuracy)"""
+    ood_data: str = str(WORLD / "test_ood.jsonl")
+    """out-of-distribution test JSONL, same format"""
+    out: str = "runs/dypo"
+    """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
+    steps: int = 100
+    """optimizer steps (one rollout batch each)"""
+    prompts_per_step: int = 32
+    """prompts sampled per step, over all processes"""
+    group_size: int = 8
+    """k: responses sampled per prompt"""
+    micro_batch_size: int = 16
+    """prompts per forward/backward on one process (their k responses, or one teacher trace each)"""
+    max_new_tokens: int = 8
+    """longest sampled response (and at evaluation)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    alpha: float = 0.5
+    """weight of GRPO against GAL on Mid prompts (Eq. 4)"""
+    beta_gal: float = 1.0
+    """beta of the Group Alignment Loss (Eq. 14)"""
+    sft_weight: float = 1.0
+    """gamma: weight of the multi-teacher SFT loss on Hard prompts (Eq. 4; not given in the paper)"""
+    clip_eps: float = 0.2
+    """GRPO ratio clip"""
+    lr: float = 1e-4
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 5
+    """linear learning-rate warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    seed: int = 1
+    """seed of data order, sampling and the teacher draw"""
+    gpus: int = 1
+    """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass to save memory"""
+    save_every: int = 0
+    """also write the checkpoint every this many steps (0: only at the end)"""
+
+
+# ----------------------------------------------------------------------------- the method
+
+def route(rewards):
+    """Difficulty grading. rewards: (P, k) in {0, 1}. Returns (hard, mid), boolean (P,): hard = no
+    response right (-> SFT), mid = some but not all right (-> RL); the rest (all right) is dropped."""
+    phi = rewards.sum(-1)
+    return phi == 0, (phi > 0) & (phi < rewards.shape[-1])
+
+
+def grpo_advantages(rewards):
+    """(P, k) rewards -> (P, k) advantages (R - mean) / (std + 1e-6) within each group."""
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-6)
+
+
+def grpo_loss(logp, rollout_logp, advantages, mask, clip_eps):
+    """Per-group GRPO loss. logp, rollout_logp, mask: (P, k, R); advantages: (P, k). Returns (P,):
+    the clipped surrogate -min(rho A, clip(rho, 1-eps, 1+eps) A) averaged over each response's
+    tokens, then over the group's k responses. Also returns the clipped fraction of tokens (P,)."""
+    ratio = torch.exp(logp - rollout_logp)                                            # (P, k, R)
+    A = advantages[..., None]
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)     # (P, k, R)
+    per_response = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)            # (P, k)
+    clipped = ((ratio - 1).abs() > clip_eps).float() * mask
+    return per_response.mean(-1), clipped.sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+
+
+def gal_loss(logps, ref_logps, rewards, beta):
+    """Group Alignment Loss (Eq. 14): on-policy DPO inside each group. logps (with gradient),
+    ref_logps: (P, k) sequence log-probs; rewards: (P, k) in {0, 1}. Mean over every (success,
+    failure) pair of the same group of -log sigmoid(beta * (margin_s - margin_f)), margin =
+    log pi - log pi_ref. Groups without both outcomes have no pairs; no pairs at all gives 0."""
+    margin = logps - ref_logps                                                        # (P, k)
+    diff = margin[:, :, None] - margin[:, None, :]                                    # (P, k, k): s row, f column
+    pairs = (rewards[:, :, None] > 0.5) & (rewards[:, None, :] < 0.5)                 # (P, k, k)
+    losses = -F.logsigmoid(beta * diff)
+    return (losses * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def sft_nll(logp, mask):
+    """Eq. 5: -log pi(tau | q), the sequence NLL of each teacher trace. logp, mask: (H, R) -> (H,)."""
+    return -(logp * mask).sum(-1)
+
+
+# ----------------------------------------------------------------------------- training
+
+def teacher_trace(row, u):
+    """Multi-teacher SFT: one of the row's teacher responses, uniformly (u in [0, 1)); None if none."""
+    traces = row.get("teacher_responses") or []
+    return traces[int(u * len(traces))] if traces else None
+
+
+def check_rows(rows, path):
+    for i, r in enumerate(rows, 1):
+        t = r.get("teacher_responses", [])
+        if not isinstance(t, list) or not all(isinstance(x, (str, list)) for x in t):
+            raise UserError(f"{path} record {i}: 'teacher_responses' must be a list of responses, got {t!r:.60}")
+
+
+def main():
+    args = parse_args(Args)
+    d = init_distributed(args.gpus)
+    check_divisible(args.prompts_per_step, args.micro_batch_size, d, "prompts_per_step")
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    rows = read_jsonl(args.data, ("prompt", "answer"))
+    check_rows(rows, args.data)
+    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    reference = load_model(args.model, d, trainable=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log = Logger(args.out, d, args.steps, args)
+    log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
+    teacher_draws = torch.Generator().manual_seed(args.seed)  # same on every process: global indices
+
+    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+
+    k, start, no_teacher_total = args.group_size, time.time(), 0
+    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+        u = rank_slice(torch.rand(args.prompts_per_step, generator=teacher_draws).tolist(), d)
+        mine = [rows[i] for i in rank_slice(indices, d)]
+        prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
+
+        # 1. rollouts: k samples per prompt, 0/1 rewards, difficulty grading
+        rollout = sample(model, tokenizer, [p for p in prompts for _ in range(k)], d, args.max_new_tokens,
+                         args.temperature)
+        texts = decode_responses(tokenizer, rollout)
+        rewards = torch.tensor([reward(t, r["answer"]) for t, r in zip(texts, [r for r in mine for _ in range(k)])],
+                               device=d.device).view(-1, k)                            # (P, k)
+        hard, mid = route(rewards)
+        advantages = grpo_advantages(rewards)
+        P0 = rollout["prompt_width"]
+        responses = [ids[m.bool()].tolist() for ids, m in zip(rollout["input_ids"][:, P0:], rollout["response_mask"])]
+        traces = [teacher_trace(r, x) for r, x in zip(mine, u)]
+        no_teacher = int((hard & torch.tensor([t is None for t in traces], device=d.device)).sum())
+
+        # 2. one objective (Eq. 4): sum over this process's prompts / its share of the step's prompts
+        sums = torch.zeros(8, dtype=torch.float64)  # loss, sft nll, hard used, grpo, gal sum, pairs, clipped, trained
+        for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
+            mids = [q for q in mb if mid[q]]
+            hards = [q for q in mb if hard[q] and traces[q] is not None]
+            seq_rows = [q * k + i for q in mids for i in range(k)]
+            train_prompts = [prompts[q] for q in mids for _ in range(k)] + [prompts[q] for q in hards]
+            train_responses = [responses[j] for j in seq_rows] + [response_ids(tokenizer, traces[q]) for q in hards]
+            weight = 1.0
+            if not train_prompts:  # nothing to train here: one zero-weight row keeps FSDP's forwards in step
+                train_prompts, train_responses, weight = prompts[:1], [responses[0] or [tokenizer.eos_token_id]], 0.0
+            batch = pad_batch(train_prompts, train_responses, tokenizer.pad_token_id, d.device)
+            logp = logprobs(model, batch)                                              # (rows, R)
+            mask = batch["response_mask"]
+            R, n_mid = mask.shape[1], len(mids)
+            loss = logp.sum() * 0.0
+            if n_mid:
+                rows_mid = slice(0, n_mid * k)
+                old = torch.zeros(n_mid * k, R, device=d.device)
+                for j, row in enumerate(seq_rows):
+                    n = len(responses[row])
+                    old[j, :n] = rollout["logprobs"][row, :n]
+                shape = (n_mid, k, R)
+                grpo, clipped = grpo_loss(logp[rows_mid].view(shape), old.view(shape), advantages[mids],
+                                          mask[rows_mid].view(shape), args.clip_eps)
+                with torch.no_grad():
+                    ref = logprobs(reference, {key: (v[rows_mid] if torch.is_tensor(v) else v)
+                                               for key, v in batch.items()})
+                seq, ref_seq = logp[rows_mid].sum(-1).view(n_mid, k), ref.sum(-1).view(n_mid, k)
+                gal = torch.stack([gal_loss(seq[j:j + 1], ref_seq[j:j + 1], rewards[mids][j:j + 1], args.beta_gal)
+                                   for j in range(n_mid)])                             # (n_mid,)
+                n_pairs = rewards[mids].sum(-1) * (k - rewards[mids].sum(-1))          # (n_mid,)
+                loss = loss + (args.alpha * grpo + (1 - args.alpha) * gal).sum()
+                sums[3:5] += torch.stack([grpo.sum(), (gal * n_pairs).sum()]).detach().double().cpu()
+                sums[5] += n_pairs.sum().item()
+                sums[6] += clipped.sum().item()
+            if hards:
+                nll = sft_nll(logp[n_mid * k:], mask[n_mid * k:])                       # (H,)
+                loss = loss + args.sft_weight * nll.sum()
+                sums[1] += nll.sum().item()
+                sums[2] += len(hards)
+            loss = weight * loss / len(mine)
+            loss.backward()
+            sums[0] += loss.item()
+            sums[7] += n_mid + len(hards)
+        totals = all_sum(torch.cat([sums, torch.tensor([hard.sum().item(), mid.sum().item(), rewards.mean().item(),
+                                                       rollout["response_mask"].sum().item() / len(texts),
+                                                       no_teacher])]), d).tolist()
+        loss_sum, nll_sum, hard_used, grpo_sum, gal_sum, pairs, clipped_sum, trained, n_hard, n_mid_total, \
+            reward_sum, length_sum, no_teacher_step = totals
+        loss = loss_sum / d.world
+        check_finite(loss, step, args.out)
+        grad_norm = clip_grad(model, args.max_grad_norm)
+        if trained:  # a step whose prompts were all Easy has no gradient: skip it (AdamW would still move)
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if no_teacher_step and not no_teacher_total:
+            log.print(f"warning: step {step}: {int(no_teacher_step)} Hard prompt(s) have no teacher_responses and "
+                      f"are skipped (counted in data/hard_without_teacher)")
+        no_teacher_total += int(no_teacher_step)
+        P = args.prompts_per_step
+        log.log(step, {"train/loss": loss, "route/hard": n_hard / P, "route/mid": n_mid_total / P,
+                       "route/easy": 1 - (n_hard + n_mid_total) / P, "rollout/reward_mean": reward_sum / d.world,
+                       "rollout/response_length": length_sum / d.world,
+                       "sft/nll": nll_sum / max(hard_used, 1), "grpo/loss": grpo_sum / max(n_mid_total, 1),
+                       "grpo/clipfrac": clipped_sum / max(n_mid_total, 1), "gal/loss": gal_sum / max(pairs, 1),
+                       "gal/pairs": pairs, "data/hard_without_teacher": no_teacher_total,
+                       "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                       "sys/peak_mem_gb": peak_mem_gb(d.device)})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    seconds = time.time() - start
+
+    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
+                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=no_teacher_total)
+
+
+if __name__ == "__main__":
+    run(main)
