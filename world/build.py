@@ -11,6 +11,8 @@ Writes into world/:
   sft.jsonl      {prompt, completion}                 every training problem with its answer
   prompts.jsonl  {prompt, answer, teacher_responses}  every training problem, with both teachers'
                                                       greedy responses (RL and distillation)
+  teacher_sft.jsonl {prompt, completion}              every teacher response of prompts.jsonl (the
+                                                      SFT stage of the SFT-then-RL baseline)
   prefs.jsonl    {prompt, chosen, rejected}           pairs sampled from the base student
   test_id.jsonl, test_ood.jsonl  {prompt, answer}
 """
@@ -118,6 +120,11 @@ def preference_pairs(prompts, samples):
     return pairs
 
 
+def teacher_sft_rows(prompt_rows):
+    """SFT data from the teachers: one {prompt, completion} per teacher response of each prompt."""
+    return [{"prompt": r["prompt"], "completion": t} for r in prompt_rows for t in r["teacher_responses"]]
+
+
 def main():
     rng = random.Random(SEED)
     torch.manual_seed(SEED)
@@ -152,8 +159,10 @@ def main():
     # RL / distillation prompts, with each teacher's greedy response (raw: not filtered for correctness).
     large = respond(WORLD / "teacher_large", train, 1, greedy=True)
     small = respond(WORLD / "teacher_small", train, 1, greedy=True)
-    write_jsonl(WORLD / "prompts.jsonl", [{"prompt": p, "answer": solve(p), "teacher_responses": [a[0][0], b[0][0]]}
-                                          for p, a, b in zip(train, large, small)])
+    prompt_rows = [{"prompt": p, "answer": solve(p), "teacher_responses": [a[0][0], b[0][0]]}
+                   for p, a, b in zip(train, large, small)]
+    write_jsonl(WORLD / "prompts.jsonl", prompt_rows)
+    write_jsonl(WORLD / "teacher_sft.jsonl", teacher_sft_rows(prompt_rows))
 
     # Preference pairs from 8 samples of the base student per prompt.
     pairs = preference_pairs(train[:PREF_PROMPTS], respond(WORLD / "student", train[:PREF_PROMPTS], 8, greedy=False))
