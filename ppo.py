@@ -1,0 +1,310 @@
+"""Proximal Policy Optimization for language models, RLHF-style, with a critic (Schulman et al. 2017,
+arXiv 1707.06347; Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details of RLHF with
+PPO", arXiv 2403.17031).
+
+Objective: sample G responses per prompt from the policy; per-token reward r_t = -beta * (log mu(y_t) -
+log pi_ref(y_t)) plus the 0/1 answer reward at the last token; GAE advantages from a learned critic;
+then several epochs of minibatch updates of the clipped surrogate (the PPO paper's Eq. 7, L^CLIP)
+  L = token mean of max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi_theta(y_t) / mu(y_t)
+and of the clipped value loss 0.5 * token mean of max((V - R)^2, (clip(V, V_old +- c) - R)^2).
+
+Run:
+  python ppo.py                                         # tiny world, CPU, about two minutes
+  python ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
+      --max-new-tokens 512 --lr 1e-6 --critic-lr 1e-5
+  python ppo.py --gpus 8 ...                            # or: torchrun --nproc-per-node 8 ppo.py ...
+
+Implementation details:
+  1. Data: JSONL with `prompt` and `answer`; the sequence score is common.reward (1 when the
+     response's last number equals the answer, else 0), added at the last response token.
+  2. The critic is a separate copy of the policy's trunk (its decoder, initialised from --model) with
+     a zero-initialised scalar head: V(s_t) is read from the hidden state that predicts y_t. Separate,
+     not a head on the policy, so the value loss never moves the policy's features and no value-loss
+     coefficient has to balance the two (as in Ouyang et al. and Huang et al., whose critic is a
+     separate model). Its cost is a second trainable model; under --gpus N it is sharded like the
+     policy. Policy and critic share one AdamW with two parameter groups (--lr, --critic-lr) and
+     have their gradient norms clipped separately.
+  3. The reference is a frozen copy of --model, loaded with load_model(trainable=False) (bf16 on GPU,
+     no gradient, not sharded); it scores each rollout batch once, micro-batch by micro-batch.
+  4. mu's log-probs are the ones sample() recorded while drawing the tokens, used both in the KL
+     penalty and as the ratio's denominator (no recomputation). They are those of the distribution
+     sampled from (logits / temperature), so keep --temperature 1 (the default) for rho_t = 1 at
+     the first update.
+  5. GAE with gamma 1, lambda 0.95 (Huang et al.), over response tokens only, the value after the
+     last token 0; returns = advantages + values; the advantages are then whitened (mean and
+     variance over every valid token of the global rollout batch, all processes).
+  6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
+     --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
+     them; each epoch visits the minibatches in a new random order. One optimizer step each.
+  7. Token mean over the optimizer step (minibatch), over all its micro-batches and processes.
+  8. Logged per rollout step (mean over its updates): clipfrac (|rho - 1| > eps), approx_kl (k3 =
+     (rho - 1) - log rho), entropy, value loss, value clipfrac; per rollout: reward mean, response
+     length, KL to the reference (token mean of log mu - log pi_ref), explained variance of the
+     critic's values for the returns.
+  9. Tiny-world defaults (lr, critic lr, batch sizes, beta) were tuned so the run fits a few CPU
+     minutes; on real models use the learning rates of the example above (Huang et al. use 3e-6).
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_divisible, check_finite,
+                    clip_grad, decode_responses, evaluate, init_distributed, load_model, load_tokenizer,
+                    logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
+
+
+@dataclass
+class Args:
+    model: str = str(WORLD / "student")
+    """causal LM to train (also the reference and the critic's initialisation): a folder or a hub id"""
+    data: str = str(WORLD / "prompts.jsonl")
+    """training JSONL, one {"prompt", "answer"} per line"""
+    eval_data: str = str(WORLD / "test_id.jsonl")
+    """in-distribution test JSONL, one {"prompt", "answer"} per line (greedy accuracy)"""
+    ood_data: str = str(WORLD / "test_ood.jsonl")
+    """out-of-distribution test JSONL, same format"""
+    out: str = "runs/ppo"
+    """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
+    steps: int = 60
+    """rollout steps (each followed by epochs x minibatches optimizer steps)"""
+    prompts_per_step: int = 32
+    """prompts sampled per rollout step, over all processes"""
+    group_size: int = 8
+    """responses sampled per prompt"""
+    minibatches: int = 2
+    """optimizer steps per epoch over the rollout batch"""
+    epochs: int = 2
+    """passes over the rollout batch"""
+    micro_batch_size: int = 128
+    """sequences per forward/backward on one process"""
+    max_new_tokens: int = 8
+    """longest response sampled (and generated at evaluation)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    clip_eps: float = 0.2
+    """PPO ratio clip: rho is clipped to [1 - eps, 1 + eps]"""
+    value_clip: float = 0.2
+    """the new value is clipped to within this of the rollout's value in the value loss"""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty to the reference, folded into the reward"""
+    gamma: float = 1.0
+    """discount of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    lr: float = 1e-4
+    """peak learning rate of the policy"""
+    critic_lr: float = 1e-3
+    """peak learning rate of the critic"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up, in optimizer steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the policy's and the critic's gradient norms to this, each"""
+    seed: int = 1
+    """seed of prompt order and sampling"""
+    gpus: int = 1
+    """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass to save memory"""
+    save_every: int = 0
+    """also write the checkpoint every this many rollout steps (0: only at the end)"""
+
+
+# ----------------------------------------------------------------------------- the method
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over right-padded response tokens. rewards, values, mask:
+    (B, T); the value after the last valid token is 0. Returns (advantages, returns), (B, T), zero on
+    padding: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, returns = A + V."""
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])   # (B,)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value, next_advantage = values[:, t] * mask[:, t], advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=None):
+    """The clipped surrogate (Eq. 7), as a loss. All inputs (B, T); mask 1 on valid tokens. Sum over
+    valid tokens / n_tokens (default: this batch's valid-token count, i.e. the token mean)."""
+    ratio = torch.exp((logprobs - old_logprobs) * mask)                        # (B, T)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+
+
+def value_loss(values, old_values, returns, mask, clip, n_tokens=None):
+    """0.5 * token mean of max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2). Inputs (B, T)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)            # (B, T)
+    losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """r_t = -beta (log mu(y_t) - log pi_ref(y_t)), plus the sequence score at the last valid token.
+    scores (B,); the others (B, T). Returns (B, T)."""
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = mask.sum(-1).long() - 1                                             # (B,)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def masked_mean_var(x, mask, d):
+    """Mean and (biased) variance of x over the valid tokens of the global batch, all processes."""
+    n = all_sum(mask.sum(), d)
+    mean = (all_sum((x * mask).sum(), d) / n).to(x.dtype)
+    var = (all_sum(((x - mean) ** 2 * mask).sum(), d) / n).to(x.dtype)
+    return mean, var
+
+
+def whiten(x, mask, d):
+    """x shifted and scaled to mean 0, variance 1 over the valid tokens of the global batch; 0 on padding."""
+    mean, var = masked_mean_var(x, mask, d)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def explained_variance(values, returns, mask, d):
+    """1 - Var(returns - values) / Var(returns) over valid tokens: 1 for a perfect critic, 0 for a constant one."""
+    return 1 - (masked_mean_var(returns - values, mask, d)[1] / masked_mean_var(returns, mask, d)[1]).item()
+
+
+class Critic(nn.Module):
+    """V(s_t) at every response position: a causal-LM trunk with a scalar head on its hidden states.
+    `lm` is the trunk (the decoder), so shard_model shards its layers as it does the policy's."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.lm = trunk
+        self.head = nn.Linear(trunk.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, prompt_width):
+        """(B, T) ids and mask -> (B, R) values of the states that predict the response tokens."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast(input_ids.device):
+            h = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+            return self.head(h[:, prompt_width - 1:-1]).squeeze(-1).float()
+
+
+def critic_values(critic, batch):
+    """(B, R) values of the batch's response positions (zero on padding)."""
+    return critic(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
+
+
+def select(batch, rows):
+    """Some rows of a rollout batch, with the same prompt width."""
+    return {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def main():
+    args = parse_args(Args)
+    d = init_distributed(args.gpus)
+    check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
+    responses = args.prompts_per_step // d.world * args.group_size  # per process
+    if responses % args.minibatches:
+        raise UserError(f"the {responses} responses per process and step do not split into "
+                        f"--minibatches {args.minibatches}")
+    minibatch_size = args.prompts_per_step * args.group_size // args.minibatches
+    check_divisible(minibatch_size, args.micro_batch_size, d)
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    rows = read_jsonl(args.data, ("prompt", "answer"))
+    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    critic = shard_model(Critic(load_model(args.model, d).lm.get_decoder()), d, args.gradient_checkpointing)
+    reference = load_model(args.model, d, trainable=False)
+    optimizer = torch.optim.AdamW([{"params": model.parameters()}, {"params": critic.parameters(), "lr": args.critic_lr}],
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log = Logger(args.out, d, args.steps, args)
+    log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
+
+    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+
+    start = time.time()
+    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+        # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
+        mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
+        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
+                         args.max_new_tokens, args.temperature)
+        scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
+                              device=d.device)
+        mask, old_logprobs = rollout["response_mask"], rollout["logprobs"]
+        ref_logprobs, old_values = [], []
+        with torch.no_grad():
+            for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
+                ref_logprobs.append(logprobs(reference, select(rollout, mb)))
+                old_values.append(critic_values(critic, select(rollout, mb)))
+        ref_logprobs, old_values = torch.cat(ref_logprobs), torch.cat(old_values)
+        advantages, returns = gae(token_rewards(scores, old_logprobs, ref_logprobs, mask, args.kl_coef),
+                                  old_values, mask, args.gamma, args.lam)
+        advantages = whiten(advantages, mask, d)
+
+        # several epochs of minibatch updates, one optimizer step per minibatch
+        update_sums = torch.zeros(4, dtype=torch.float64)  # policy loss, value loss, policy and critic grad norms
+        token_sums = torch.zeros(4, dtype=torch.float64)   # ratio clipped, k3, entropy, value clipped
+        for _ in range(args.epochs):
+            for j in torch.randperm(args.minibatches).tolist():
+                minibatch = list(range(j, len(mine), args.minibatches))
+                # per-process share of the minibatch's token count: the gradient all-reduce averages over processes
+                n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
+                losses = torch.zeros(2, dtype=torch.float64)
+                for mb in micro_batches(minibatch, args.micro_batch_size):
+                    b = select(rollout, mb)
+                    out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True)
+                    new_values = critic_values(critic, b)
+                    m = b["response_mask"]
+                    pg = policy_loss(out["logp"], old_logprobs[mb], advantages[mb], m, args.clip_eps, n_tokens)
+                    vf = value_loss(new_values, old_values[mb], returns[mb], m, args.value_clip, n_tokens)
+                    (pg + vf).backward()
+                    with torch.no_grad():
+                        log_ratio = (out["logp"] - old_logprobs[mb]) * m
+                        ratio = log_ratio.exp()
+                        losses += torch.stack([pg, vf]).double().cpu()
+                        token_sums += torch.stack([((ratio - 1).abs() > args.clip_eps) * m, (ratio - 1 - log_ratio) * m,
+                                                   out["entropy"] * m,
+                                                   ((new_values - old_values[mb]).abs() > args.value_clip) * m]
+                                                  ).sum((1, 2)).double().cpu()
+                losses = all_sum(losses, d).cpu() / d.world
+                check_finite(losses.sum().item(), step, args.out)
+                grad_norms = [clip_grad(model, args.max_grad_norm), clip_grad(critic, args.max_grad_norm)]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_sums += torch.cat([losses, torch.tensor(grad_norms, dtype=torch.float64)])
+        loss, critic_loss, grad_norm, critic_grad_norm = (update_sums / (args.epochs * args.minibatches)).tolist()
+        rollout_tokens = all_sum(mask.sum(), d).item()
+        clipfrac, approx_kl, entropy, value_clipfrac = (all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
+        n_responses = args.prompts_per_step * args.group_size
+        log.log(step, {"train/loss": loss, "critic/loss": critic_loss, "policy/clipfrac": clipfrac,
+                       "policy/approx_kl": approx_kl, "policy/entropy": entropy, "critic/clipfrac": value_clipfrac,
+                       "critic/explained_variance": explained_variance(old_values, returns, mask, d),
+                       "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
+                       "rollout/response_length": rollout_tokens / n_responses,
+                       "rollout/kl_ref": all_sum(((old_logprobs - ref_logprobs) * mask).sum(), d).item() / rollout_tokens,
+                       "train/grad_norm": grad_norm, "critic/grad_norm": critic_grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    seconds = time.time() - start
+
+    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    log.summary(method="ppo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
+                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3))
+
+
+if __name__ == "__main__":
+    run(main)
