@@ -48,6 +48,7 @@ Implementation details:
 """
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,25 @@ def sft_nll(logp, mask):
     return -(logp * mask).sum(-1)
 
 
+def dypo_loss(mid_logp, mid_rollout_logp, mid_mask, mid_ref_logps, mid_rewards, hard_logp, hard_mask,
+              alpha, beta_gal, sft_weight, clip_eps):
+    """Eq. 4, summed (not averaged) over the Mid and Hard prompts given; Easy prompts add nothing.
+    Mid: mid_logp (with gradient), mid_rollout_logp, mid_mask (M, k, R), mid_ref_logps and
+    mid_rewards (M, k). Hard: hard_logp (with gradient), hard_mask (H, R), one teacher trace each.
+    Returns (loss, parts): parts holds detached sums for logging."""
+    M = mid_rewards.shape[0]
+    grpo, clipfrac = grpo_loss(mid_logp, mid_rollout_logp, grpo_advantages(mid_rewards), mid_mask, clip_eps)  # (M,)
+    seq = mid_logp.sum(-1)                                                            # (M, k)
+    gal = torch.stack([gal_loss(seq[j:j + 1], mid_ref_logps[j:j + 1], mid_rewards[j:j + 1], beta_gal)
+                       for j in range(M)]) if M else seq.new_zeros(0)                # (M,) one mean per group
+    nll = sft_nll(hard_logp, hard_mask)                                               # (H,)
+    loss = (alpha * grpo + (1 - alpha) * gal).sum() + sft_weight * nll.sum()
+    n_pairs = mid_rewards.sum(-1) * (mid_rewards.shape[-1] - mid_rewards.sum(-1))     # (M,)
+    parts = {"grpo": grpo.sum(), "gal": (gal * n_pairs).sum(), "pairs": n_pairs.sum(), "clipfrac": clipfrac.sum(),
+             "nll": nll.sum()}
+    return loss, {k: v.item() for k, v in parts.items()}
+
+
 # ----------------------------------------------------------------------------- training
 
 def teacher_trace(row, u):
@@ -200,80 +220,60 @@ def main():
         rewards = torch.tensor([reward(t, r["answer"]) for t, r in zip(texts, [r for r in mine for _ in range(k)])],
                                device=d.device).view(-1, k)                            # (P, k)
         hard, mid = route(rewards)
-        advantages = grpo_advantages(rewards)
         P0 = rollout["prompt_width"]
         responses = [ids[m.bool()].tolist() for ids, m in zip(rollout["input_ids"][:, P0:], rollout["response_mask"])]
         traces = [teacher_trace(r, x) for r, x in zip(mine, u)]
         no_teacher = int((hard & torch.tensor([t is None for t in traces], device=d.device)).sum())
 
-        # 2. one objective (Eq. 4): sum over this process's prompts / its share of the step's prompts
-        sums = torch.zeros(8, dtype=torch.float64)  # loss, sft nll, hard used, grpo, gal sum, pairs, clipped, trained
+        # 2. one objective (Eq. 4), one backward per micro-batch: the Mid prompts' k responses and the
+        #    Hard prompts' teacher traces in one forward; sum over prompts / this process's share
+        stats = Counter()
         for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
             mids = [q for q in mb if mid[q]]
             hards = [q for q in mb if hard[q] and traces[q] is not None]
-            seq_rows = [q * k + i for q in mids for i in range(k)]
+            rollout_rows = [q * k + i for q in mids for i in range(k)]
             train_prompts = [prompts[q] for q in mids for _ in range(k)] + [prompts[q] for q in hards]
-            train_responses = [responses[j] for j in seq_rows] + [response_ids(tokenizer, traces[q]) for q in hards]
+            train_responses = [responses[j] for j in rollout_rows] + [response_ids(tokenizer, traces[q]) for q in hards]
             weight = 1.0
             if not train_prompts:  # nothing to train here: one zero-weight row keeps FSDP's forwards in step
                 train_prompts, train_responses, weight = prompts[:1], [responses[0] or [tokenizer.eos_token_id]], 0.0
             batch = pad_batch(train_prompts, train_responses, tokenizer.pad_token_id, d.device)
-            logp = logprobs(model, batch)                                              # (rows, R)
-            mask = batch["response_mask"]
-            R, n_mid = mask.shape[1], len(mids)
-            loss = logp.sum() * 0.0
-            if n_mid:
-                rows_mid = slice(0, n_mid * k)
-                old = torch.zeros(n_mid * k, R, device=d.device)
-                for j, row in enumerate(seq_rows):
-                    n = len(responses[row])
-                    old[j, :n] = rollout["logprobs"][row, :n]
-                shape = (n_mid, k, R)
-                grpo, clipped = grpo_loss(logp[rows_mid].view(shape), old.view(shape), advantages[mids],
-                                          mask[rows_mid].view(shape), args.clip_eps)
-                with torch.no_grad():
-                    ref = logprobs(reference, {key: (v[rows_mid] if torch.is_tensor(v) else v)
-                                               for key, v in batch.items()})
-                seq, ref_seq = logp[rows_mid].sum(-1).view(n_mid, k), ref.sum(-1).view(n_mid, k)
-                gal = torch.stack([gal_loss(seq[j:j + 1], ref_seq[j:j + 1], rewards[mids][j:j + 1], args.beta_gal)
-                                   for j in range(n_mid)])                             # (n_mid,)
-                n_pairs = rewards[mids].sum(-1) * (k - rewards[mids].sum(-1))          # (n_mid,)
-                loss = loss + (args.alpha * grpo + (1 - args.alpha) * gal).sum()
-                sums[3:5] += torch.stack([grpo.sum(), (gal * n_pairs).sum()]).detach().double().cpu()
-                sums[5] += n_pairs.sum().item()
-                sums[6] += clipped.sum().item()
-            if hards:
-                nll = sft_nll(logp[n_mid * k:], mask[n_mid * k:])                       # (H,)
-                loss = loss + args.sft_weight * nll.sum()
-                sums[1] += nll.sum().item()
-                sums[2] += len(hards)
+            n, R = len(rollout_rows), batch["response_mask"].shape[1]
+            logp, mask = logprobs(model, batch), batch["response_mask"]              # (rows, R)
+            rollout_logp = F.pad(rollout["logprobs"][rollout_rows], (0, R - rollout["logprobs"].shape[1]))  # (n, R)
+            with torch.no_grad():  # pi_ref of GAL scores the Mid responses
+                ref_logps = logprobs(reference, {key: v[:n] if torch.is_tensor(v) else v for key, v in batch.items()}) \
+                    if n else logp.new_zeros(0, R)
+            shape = (len(mids), k, R)
+            loss, parts = dypo_loss(logp[:n].view(shape), rollout_logp.view(shape), mask[:n].view(shape),
+                                    ref_logps.sum(-1).view(len(mids), k), rewards[mids], logp[n:n + len(hards)],
+                                    mask[n:n + len(hards)], args.alpha, args.beta_gal, args.sft_weight, args.clip_eps)
             loss = weight * loss / len(mine)
             loss.backward()
-            sums[0] += loss.item()
-            sums[7] += n_mid + len(hards)
-        totals = all_sum(torch.cat([sums, torch.tensor([hard.sum().item(), mid.sum().item(), rewards.mean().item(),
-                                                       rollout["response_mask"].sum().item() / len(texts),
-                                                       no_teacher])]), d).tolist()
-        loss_sum, nll_sum, hard_used, grpo_sum, gal_sum, pairs, clipped_sum, trained, n_hard, n_mid_total, \
-            reward_sum, length_sum, no_teacher_step = totals
-        loss = loss_sum / d.world
+            stats.update(parts, loss=loss.item(), hard_trained=len(hards), trained=len(mids) + len(hards))
+        stats.update(hard=hard.sum().item(), mid=mid.sum().item(), reward=rewards.mean().item(),
+                     length=rollout["response_mask"].sum(-1).mean().item(), no_teacher=no_teacher)
+        keys = sorted(stats)
+        totals = dict(zip(keys, all_sum(torch.tensor([float(stats[x]) for x in keys]), d).tolist()))
+        loss = totals["loss"] / d.world
         check_finite(loss, step, args.out)
         grad_norm = clip_grad(model, args.max_grad_norm)
-        if trained:  # a step whose prompts were all Easy has no gradient: skip it (AdamW would still move)
+        if totals["trained"]:  # a step whose prompts were all Easy has no gradient: skip (AdamW would still move)
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if no_teacher_step and not no_teacher_total:
-            log.print(f"warning: step {step}: {int(no_teacher_step)} Hard prompt(s) have no teacher_responses and "
-                      f"are skipped (counted in data/hard_without_teacher)")
-        no_teacher_total += int(no_teacher_step)
-        P = args.prompts_per_step
-        log.log(step, {"train/loss": loss, "route/hard": n_hard / P, "route/mid": n_mid_total / P,
-                       "route/easy": 1 - (n_hard + n_mid_total) / P, "rollout/reward_mean": reward_sum / d.world,
-                       "rollout/response_length": length_sum / d.world,
-                       "sft/nll": nll_sum / max(hard_used, 1), "grpo/loss": grpo_sum / max(n_mid_total, 1),
-                       "grpo/clipfrac": clipped_sum / max(n_mid_total, 1), "gal/loss": gal_sum / max(pairs, 1),
-                       "gal/pairs": pairs, "data/hard_without_teacher": no_teacher_total,
+        if totals["no_teacher"] and not no_teacher_total:
+            log.print(f"warning: step {step}: {int(totals['no_teacher'])} Hard prompt(s) have no teacher_responses "
+                      f"and are skipped (counted in data/hard_without_teacher)")
+        no_teacher_total += int(totals["no_teacher"])
+        P, n_mid = args.prompts_per_step, max(totals["mid"], 1)
+        log.log(step, {"train/loss": loss, "route/hard": totals["hard"] / P, "route/mid": totals["mid"] / P,
+                       "route/easy": 1 - (totals["hard"] + totals["mid"]) / P,
+                       "rollout/reward_mean": totals["reward"] / d.world,
+                       "rollout/response_length": totals["length"] / d.world,
+                       "sft/nll": totals["nll"] / max(totals["hard_trained"], 1), "grpo/loss": totals["grpo"] / n_mid,
+                       "grpo/clipfrac": totals["clipfrac"] / n_mid, "gal/loss": totals["gal"] / max(totals["pairs"], 1),
+                       "gal/pairs": totals["pairs"], "data/hard_without_teacher": no_teacher_total,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "sys/peak_mem_gb": peak_mem_gb(d.device)})
         if args.save_every and step % args.save_every == 0:

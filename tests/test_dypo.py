@@ -184,7 +184,7 @@ def test_hard_prompt_without_teacher_is_skipped_with_a_warning(tmp_path):
     out = tmp_path / "run"
     proc = ok(run("dypo.py", "--data", data, "--steps", 2, "--prompts-per-step", 8, "--group-size", 2,
                   "--micro-batch-size", 4, "--out", out))
-    assert "warning" in proc.stderr and "no teacher_responses" in proc.stderr
+    assert "warning" in proc.stdout and "no teacher_responses" in proc.stdout
     m = metrics(out)
     assert all(x["route/hard"] == 1 for x in m)
     assert m[-1]["data/hard_without_teacher"] == 8 and summary(out)["hard_without_teacher"] == 8
