@@ -92,7 +92,7 @@ class Args:
     """gamma: weight of the multi-teacher SFT loss on Hard prompts (Eq. 4; not given in the paper)"""
     clip_eps: float = 0.2
     """GRPO ratio clip"""
-    lr: float = 1e-4
+    lr: float = 5e-5
     """peak learning rate of AdamW"""
     warmup_steps: int = 5
     """linear learning-rate warm-up"""
