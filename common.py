@@ -155,6 +155,14 @@ def all_sum(x, d):
     return t
 
 
+def all_max(x, d):
+    """Maximum of a float or tensor over processes (identity on one process). Returns a float tensor."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
+    if d.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def rank_slice(items, d):
     """This process's contiguous share of a global batch (its size must divide by d.world)."""
     n = len(items) // d.world

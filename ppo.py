@@ -37,7 +37,8 @@ Implementation details:
      --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
      them; each epoch visits the minibatches in a new random order. One optimizer step each.
   7. Token mean over the optimizer step (minibatch), over all its micro-batches and processes.
-  8. Logged per rollout step (mean over its updates): clipfrac (|rho - 1| > eps), approx_kl (k3 =
+  8. Logged per rollout step (mean over its updates): clipfrac (the share of tokens whose gradient
+     the clip removes: A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 =
      (rho - 1) - log rho), entropy, value loss, value clipfrac; per rollout: reward mean, response
      length, KL to the reference (token mean of log mu - log pi_ref), explained variance of the
      critic's values for the returns.
@@ -71,9 +72,9 @@ class Args:
     """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
     steps: int = 60
     """rollout steps (each followed by epochs x minibatches optimizer steps)"""
-    prompts_per_step: int = 32
+    prompts_per_step: int = 64
     """prompts sampled per rollout step, over all processes"""
-    group_size: int = 8
+    group_size: int = 4
     """responses sampled per prompt"""
     minibatches: int = 2
     """optimizer steps per epoch over the rollout batch"""
@@ -271,7 +272,8 @@ def main():
                         log_ratio = (out["logp"] - old_logprobs[mb]) * m
                         ratio = log_ratio.exp()
                         losses += torch.stack([pg, vf]).double().cpu()
-                        token_sums += torch.stack([((ratio - 1).abs() > args.clip_eps) * m, (ratio - 1 - log_ratio) * m,
+                        clipped = (ratio > 1 + args.clip_eps) & (advantages[mb] > 0) | (ratio < 1 - args.clip_eps) & (advantages[mb] < 0)
+                        token_sums += torch.stack([clipped * m, (ratio - 1 - log_ratio) * m,
                                                    out["entropy"] * m,
                                                    ((new_values - old_values[mb]).abs() > args.value_clip) * m]
                                                   ).sum((1, 2)).double().cpu()

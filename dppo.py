@@ -1,0 +1,306 @@
+"""Divergence Proximal Policy Optimization (Qi, Zhou, Liu, Pang, Du, Lin, Lee 2026, "Rethinking the
+Trust Region in LLM Reinforcement Learning", arXiv 2602.04879; reference code sail-sg/Stable-RL).
+
+Objective: PPO's ratio clip |r_t - 1| <= eps is a one-sample estimate of the total-variation distance
+between the rollout policy mu and the current policy pi_theta. DPPO keeps the unclipped surrogate and
+masks a token's update only when an estimate D_t of a real divergence D(mu || pi_theta)(s_t) exceeds
+delta, and only in the direction that moves further away (Eqs. 11-12):
+  maximise token mean of M_t * r_t * A_t,   r_t = pi_theta(y_t) / mu(y_t),
+  M_t = 0 if (A_t > 0 and r_t > 1 and D_t > delta) or (A_t < 0 and r_t < 1 and D_t > delta), else 1,
+with group advantages A = R - mean_group(R) (no critic, no std, no KL penalty).
+
+Run:
+  python dppo.py                                        # tiny world, CPU, about two minutes
+  python dppo.py --trust-region clip                    # the baseline: ratio clip 0.2 / 0.28, all else equal
+  python dppo.py --divergence topk_kl                   # binary_tv (default), binary_kl, topk_tv, topk_kl
+  python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
+      --max-new-tokens 512 --group-size 16 --lr 1e-6
+  python dppo.py --gpus 8 ...                           # or: torchrun --nproc-per-node 8 dppo.py ...
+
+Implementation details:
+  1. Data: JSONL with `prompt` and `answer`; the reward is common.reward (1 when the response's
+     last number equals the answer, else 0).
+  2. The trust region is anchored to the ROLLOUT: mu's log-probs (and, for Top-K, mu's top-K ids
+     and log-probs) are the ones sample() recorded while drawing the tokens, never recomputed. They
+     are those of the distribution sampled from (logits / temperature), so keep --temperature 1 (the
+     default) unless the mismatch is what you want to study.
+  3. Divergences (Eqs. 13-16), computed without gradient: binary_tv |mu(a) - pi(a)| and binary_kl
+     (the vocabulary collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t}
+     plus an "other" bucket with the rest of the mass (clamped at 1e-12). Where a_t is already in
+     the top-K it is not counted twice. delta defaults to 0.15 for TV and 0.05 for KL (the authors'
+     script). K = 20, capped at the vocabulary size (the tiny world has 17 tokens, so there the
+     Top-K divergences are exact).
+  4. Loss as in the reference code: -A * sg(min(r, C)) * M * log pi_theta, C = 10, whose gradient
+     is that of -M * r * A (Eq. 11) wherever r < C; token mean over the optimizer step (minibatch),
+     over all its micro-batches and processes.
+  5. --trust-region clip is the paper's baseline, GRPO-style "ClipHigher": token mean of
+     max(-A r, -A clip(r, 1 - 0.2, 1 + 0.28)), with the same advantages, batches and seed.
+  6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
+     --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
+     them; each epoch visits the minibatches in a new random order. One optimizer step each, so every
+     update after the first is off-policy and the trust region has something to do.
+  7. Logged per rollout step (mean over its updates), for both trust regions: masked_frac (tokens
+     DPPO's mask zeroes), clipfrac (tokens whose gradient the ratio clip removes: A > 0 and
+     r > 1 + eps_high, or A < 0 and r < 1 - eps_low), divergence mean and max, approx_kl (k3 =
+     (r - 1) - log r), entropy; per rollout: reward mean, response length. Only the selected
+     trust region acts; the other is what it would have done.
+  8. Deviation: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
+     models; the tiny-world defaults (lr, batch sizes) were tuned so the run fits a few CPU minutes.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
+                    decode_responses, evaluate, init_distributed, load_model, load_tokenizer, micro_batches,
+                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, reward, run, sample,
+                    save_checkpoint, seed_everything, shard_model, warmup_schedule)
+
+RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
+
+
+@dataclass
+class Args:
+    model: str = str(WORLD / "student")
+    """causal LM to train: a local folder or a Hugging Face hub id"""
+    data: str = str(WORLD / "prompts.jsonl")
+    """training JSONL, one {"prompt", "answer"} per line"""
+    eval_data: str = str(WORLD / "test_id.jsonl")
+    """in-distribution test JSONL, one {"prompt", "answer"} per line (greedy accuracy)"""
+    ood_data: str = str(WORLD / "test_ood.jsonl")
+    """out-of-distribution test JSONL, same format"""
+    out: str = "runs/dppo"
+    """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
+    steps: int = 60
+    """rollout steps (each followed by epochs x minibatches optimizer steps)"""
+    prompts_per_step: int = 32
+    """prompts sampled per rollout step, over all processes"""
+    group_size: int = 8
+    """responses sampled per prompt"""
+    minibatches: int = 2
+    """optimizer steps per epoch over the rollout batch"""
+    epochs: int = 2
+    """passes over the rollout batch"""
+    micro_batch_size: int = 128
+    """sequences per forward/backward on one process"""
+    max_new_tokens: int = 8
+    """longest response sampled (and generated at evaluation)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    trust_region: str = "dppo"
+    """dppo: the divergence mask (Eq. 12); clip: the baseline ratio clip [1 - clip_low, 1 + clip_high]"""
+    divergence: str = "binary_tv"
+    """DPPO's divergence estimate: binary_tv, binary_kl, topk_tv or topk_kl"""
+    delta: float = 0.0
+    """DPPO's divergence threshold (0: the paper's, 0.15 for TV and 0.05 for KL)"""
+    topk: int = 20
+    """K of the Top-K divergences: the rollout records mu's K most likely tokens"""
+    clip_low: float = 0.2
+    """baseline: the ratio is clipped from below at 1 - clip_low"""
+    clip_high: float = 0.28
+    """baseline: the ratio is clipped from above at 1 + clip_high"""
+    lr: float = 1e-4
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up, in optimizer steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    seed: int = 1
+    """seed of prompt order and sampling"""
+    gpus: int = 1
+    """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass to save memory"""
+    save_every: int = 0
+    """also write the checkpoint every this many rollout steps (0: only at the end)"""
+
+
+# ----------------------------------------------------------------------------- the method
+
+def group_advantages(scores, group_size):
+    """A = R - mean of R over the response's group (G adjacent rows), no std division. (B,) -> (B,)."""
+    groups = scores.view(-1, group_size)
+    return (groups - groups.mean(-1, keepdim=True)).view(-1)
+
+
+def binary_divergence(logp, rollout_logp, kind):
+    """Eqs. 13-14, the vocabulary collapsed to {sampled token, rest}: "tv" |mu - pi|, "kl"
+    mu log(mu / pi) + (1 - mu) log((1 - mu) / (1 - pi)), mu = exp(rollout_logp), pi = exp(logp). (B, T)."""
+    logp, rollout_logp = logp.detach(), rollout_logp.detach()
+    if kind == "tv":
+        return (rollout_logp.exp() - logp.exp()).abs()
+    rest_mu = (-torch.expm1(rollout_logp)).clamp(min=1e-12)                    # 1 - mu, accurately
+    rest_pi = (-torch.expm1(logp)).clamp(min=1e-12)
+    return rollout_logp.exp() * (rollout_logp - logp) + rest_mu * (rest_mu.log() - rest_pi.log())
+
+
+def topk_divergence(logp_set, rollout_logp_set, kind):
+    """Eqs. 15-16 over a token set (last dim: mu's top-K plus the sampled token) and an "other" bucket
+    with the rest of the mass (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl"
+    sum p_mu log(p_mu / p_pi). Entries of -inf in both (a token listed twice) are zero mass.
+    (B, T, K) -> (B, T)."""
+    logp_set, rollout_logp_set = logp_set.detach(), rollout_logp_set.detach()
+    p_pi, p_mu = logp_set.exp(), rollout_logp_set.exp()
+    other_pi = (1 - p_pi.sum(-1)).clamp(min=1e-12)                            # (B, T)
+    other_mu = (1 - p_mu.sum(-1)).clamp(min=1e-12)
+    if kind == "tv":
+        return 0.5 * ((p_mu - p_pi).abs().sum(-1) + (other_mu - other_pi).abs())
+    in_set = torch.where(p_mu > 0, p_mu * (rollout_logp_set - logp_set), torch.zeros_like(p_mu)).sum(-1)
+    return in_set + other_mu * (other_mu.log() - other_pi.log())
+
+
+def with_sampled_token(topk_values, sampled_values, topk_ids, sampled_ids):
+    """Log-probs at mu's top-K (B, T, K) and at the sampled token (B, T) -> (B, T, K + 1) over the set
+    TopK U {a_t}; where a_t is already among the top-K its extra entry is -inf (zero mass)."""
+    listed = (topk_ids == sampled_ids[..., None]).any(-1)                      # (B, T)
+    return torch.cat([topk_values, sampled_values.masked_fill(listed, float("-inf"))[..., None]], -1)
+
+
+def dppo_mask(logp, rollout_logp, advantages, divergence, delta):
+    """Eq. 12: 0 where the update would move further outside the trust region, else 1. (B, T) float."""
+    ratio = torch.exp(logp.detach() - rollout_logp)
+    outside = divergence > delta
+    away = (advantages > 0) & (ratio > 1) | (advantages < 0) & (ratio < 1)
+    return (~(outside & away)).float()
+
+
+def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None):
+    """-A * sg(min(r, C)) * M * log pi_theta, summed over valid tokens / n_tokens (default: their count),
+    whose gradient is that of -token_mean(M * r * A) (Eq. 11) wherever r < C. Inputs (B, T)."""
+    ratio = torch.exp(logp.detach() - rollout_logp).clamp(max=RATIO_CAP)
+    losses = -advantages * ratio * mask * logp
+    return (losses * response_mask).sum() / (response_mask.sum() if n_tokens is None else n_tokens)
+
+
+def clip_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n_tokens=None):
+    """The baseline, PPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
+    token mean of max(-A r, -A clip(r)). All inputs (B, T); mask 1 on valid tokens."""
+    ratio = torch.exp((logprobs - old_logprobs) * mask)                        # (B, T)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
+    return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+
+
+def select(batch, rows):
+    """Some rows of a rollout batch, with the same prompt width."""
+    return {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def main():
+    args = parse_args(Args)
+    d = init_distributed(args.gpus)
+    if args.trust_region not in ("dppo", "clip"):
+        raise UserError(f"--trust-region must be dppo or clip, not '{args.trust_region}'")
+    if args.divergence not in ("binary_tv", "binary_kl", "topk_tv", "topk_kl"):
+        raise UserError(f"--divergence must be binary_tv, binary_kl, topk_tv or topk_kl, not '{args.divergence}'")
+    check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
+    responses = args.prompts_per_step // d.world * args.group_size  # per process
+    if responses % args.minibatches:
+        raise UserError(f"the {responses} responses per process and step do not split into "
+                        f"--minibatches {args.minibatches}")
+    minibatch_size = args.prompts_per_step * args.group_size // args.minibatches
+    check_divisible(minibatch_size, args.micro_batch_size, d)
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    rows = read_jsonl(args.data, ("prompt", "answer"))
+    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log = Logger(args.out, d, args.steps, args)
+    log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
+    kind = args.divergence.split("_")[1]
+    delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
+    topk = min(args.topk, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
+
+    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+
+    start = time.time()
+    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+        # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
+        mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
+        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
+                         args.max_new_tokens, args.temperature, topk=topk)
+        scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
+                              device=d.device)
+        mask, old_logprobs = rollout["response_mask"], rollout["logprobs"]
+        advantages = group_advantages(scores, args.group_size)[:, None] * mask
+
+        # several epochs of minibatch updates, one optimizer step per minibatch
+        update_sums = torch.zeros(2, dtype=torch.float64)  # loss, grad norm
+        token_sums = torch.zeros(5, dtype=torch.float64)   # DPPO-masked, clipped, divergence, k3, entropy
+        divergence_max = 0.0
+        for _ in range(args.epochs):
+            for j in torch.randperm(args.minibatches).tolist():
+                minibatch = list(range(j, len(mine), args.minibatches))
+                # per-process share of the minibatch's token count: the gradient all-reduce averages over processes
+                n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
+                losses = torch.zeros(1, dtype=torch.float64)
+                for mb in micro_batches(minibatch, args.micro_batch_size):
+                    b = select(rollout, mb)
+                    out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True,
+                                gather=b["topk_ids"] if topk else None)
+                    m = b["response_mask"]
+                    if topk:
+                        sampled_ids = b["input_ids"][:, b["prompt_width"]:]
+                        divergence = topk_divergence(
+                            with_sampled_token(out["gather_logp"], out["logp"].detach(), b["topk_ids"], sampled_ids),
+                            with_sampled_token(b["topk_logprobs"], old_logprobs[mb], b["topk_ids"], sampled_ids), kind)
+                    else:
+                        divergence = binary_divergence(out["logp"], old_logprobs[mb], kind)
+                    divergence = divergence * m
+                    trust = dppo_mask(out["logp"], old_logprobs[mb], advantages[mb], divergence, delta)
+                    if args.trust_region == "dppo":
+                        loss = dppo_loss(out["logp"], old_logprobs[mb], advantages[mb], trust, m, n_tokens)
+                    else:
+                        loss = clip_loss(out["logp"], old_logprobs[mb], advantages[mb], m, args.clip_low,
+                                         args.clip_high, n_tokens)
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = (out["logp"] - old_logprobs[mb]) * m
+                        ratio = log_ratio.exp()
+                        clipped = (ratio > 1 + args.clip_high) & (advantages[mb] > 0) | (ratio < 1 - args.clip_low) & (advantages[mb] < 0)
+                        losses += loss.double().cpu()
+                        token_sums += torch.stack([(1 - trust) * m, clipped * m, divergence, (ratio - 1 - log_ratio) * m,
+                                                   out["entropy"] * m]).sum((1, 2)).double().cpu()
+                        divergence_max = max(divergence_max, divergence.max().item())
+                losses = all_sum(losses, d).cpu() / d.world
+                check_finite(losses.sum().item(), step, args.out)
+                grad_norms = [clip_grad(model, args.max_grad_norm)]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_sums += torch.cat([losses, torch.tensor(grad_norms, dtype=torch.float64)])
+        loss, grad_norm = (update_sums / (args.epochs * args.minibatches)).tolist()
+        rollout_tokens = all_sum(mask.sum(), d).item()
+        masked_frac, clipfrac, divergence_mean, approx_kl, entropy = (
+            all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
+        n_responses = args.prompts_per_step * args.group_size
+        log.log(step, {"train/loss": loss, "policy/masked_frac": masked_frac, "policy/clipfrac": clipfrac,
+                       "policy/divergence_mean": divergence_mean, "policy/divergence_max": all_max(divergence_max, d).item(),
+                       "policy/approx_kl": approx_kl, "policy/entropy": entropy,
+                       "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
+                       "rollout/response_length": rollout_tokens / n_responses,
+                       "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    seconds = time.time() - start
+
+    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    log.summary(method="dppo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
+                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3), trust_region=args.trust_region,
+                divergence=args.divergence, delta=delta)
+
+
+if __name__ == "__main__":
+    run(main)
