@@ -12,8 +12,9 @@ What it measures, per method (each in a fresh process, so peak memory is that me
   step s    the sum of the three; each is the median over --repeats steps run after --warmup steps
   tok/s     batch_size * (prompt_len + response_len) / step s
   peak GB   GPU: torch.cuda.max_memory_allocated over the run; CPU: the process's peak resident set
-            (ru_maxrss) minus its resident set just before the models were loaded, so the Python and
-            library footprint (about 0.3 GB for torch, more with TRL's imports) is not counted
+            (ru_maxrss) minus its resident set just before the models were loaded, with the libraries
+            already imported, so the Python, torch and TRL footprint is not counted (the runtime's
+            own first-step buffers, about 0.1 GB on CPU, are)
   MFU       GPU only: 6 * trained params * update tokens / update s / (--peak-tflops * 1e12); the
             parameters of every model trained in the update (PPO: policy and critic), tied embeddings
             once; attention's own FLOPs are not counted
@@ -23,9 +24,10 @@ What it measures, per method (each in a fresh process, so peak memory is that me
 
 Every step uses random token ids: prompts of exactly --prompt-len tokens and responses of exactly
 --response-len (generation ignores EOS on both sides: ours by sampling with no EOS id, TRL's with
-min_new_tokens). The models see a synthetic word-level tokenizer ("t0 t1 ...", one word per id of
+min_new_tokens), so a step holds batch_size * (prompt_len + response_len) tokens on both sides. The models see a synthetic word-level tokenizer ("t0 t1 ...", one word per id of
 the model's vocabulary, pad = id 0, EOS = the last id) so that TRL, which takes text, tokenizes
-exactly the ids we feed; --model's own tokenizer is not used. Rewards are fixed random 0/1 values.
+exactly the ids we feed; --model's own tokenizer is not used. Rewards are fixed 0/1 values (ours:
+half of each group right; TRL: random draws).
 
 Named models: `tiny` is world/student (its teacher for distillation: world/teacher_large);
 `qwen2-0.5b` is the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate
@@ -36,8 +38,9 @@ loaded as is, and is its own teacher.
 Each method's step is a recipe built from common.py plumbing and the method file's own loss
 functions; a method whose file or functions do not exist yet is skipped with a note. Simplifications
 against the method files (the same on every run, so the figures compare): one update per rollout
-(PPO: 1 epoch, 1 minibatch; DPPO: 1 minibatch), one micro-batch per step, and DYPO with every group
-Mid (GRPO + GAL on all responses, no SFT rows).
+(PPO: 1 epoch, 1 minibatch; DPPO: 1 minibatch), one micro-batch per step, DYPO with every group
+Mid (GRPO + GAL on all responses, no SFT rows), DPPO with the binary TV divergence (delta 0.15),
+OPD+ with JSD.
 
 TRL counterparts and how they differ (TRL's defaults otherwise, but no gradient checkpointing, no
 logging, evaluation or saving, AdamW "adamw_torch", constant lr, bf16 mixed precision on GPU and
@@ -48,11 +51,13 @@ fp32 on CPU, like ours):
             policy scores it before the update, which is what dpo.py precomputes)
   dppo      GRPOTrainer, beta 0 (no reference), loss "dapo" (token mean); no divergence mask
   dypo      GRPOTrainer, beta 0.04 (a reference model scores the rollout, as pi_ref does for GAL)
-  opd, opd_plus, tropd
+  opd, opd_plus
             DistillationTrainer, on-policy, beta 1 (reverse KL) over the full vocabulary, the same
-            teacher; ours uses only the sampled tokens' log-probs (K1 estimator)
+            teacher, one sample for each of batch_size prompts (ours: group_size samples for each of
+            batch_size / group_size prompts, the same token count); ours uses only the sampled
+            tokens' log-probs
   ppo       none (TRL 1.x has no PPO trainer)
-On GPU, TRL's reference models (DPO, GRPO) are fp32 copies run under autocast; ours load in bf16.
+On GPU, TRL's GRPO reference (dypo) is an fp32 copy run under autocast; ours loads in bf16.
 
 The log-prob memory table: the peak memory of per-token log-probs, forward and backward, for
 B x T tokens over a 151,936-token vocabulary (a one-layer, 64-wide Qwen2 with that head), ours
@@ -256,6 +261,26 @@ def ppo_recipe(s):
     return {"generation": generate, "scoring": score, "update": update}, [model, critic]
 
 
+def dppo_recipe(s):
+    import dppo
+    model = s.policy()
+    optimizer = s.optimizer(model)
+
+    def generate(state):
+        state["rollout"] = s.rollout(model)
+
+    def score(state):  # no model to run: the anchor mu is the rollout's own log-probs
+        mask = state["rollout"]["response_mask"]
+        state["advantages"] = dppo.group_advantages(s.rewards().view(-1), s.G)[:, None] * mask
+
+    def update(state):
+        r, advantages = state["rollout"], state["advantages"]
+        logp = model(r["input_ids"], r["attention_mask"], r["prompt_width"], entropy=True)["logp"]
+        trust = dppo.dppo_mask(logp, r["logprobs"], advantages, dppo.binary_divergence(logp, r["logprobs"], "tv"), 0.15)
+        s.step(dppo.dppo_loss(logp, r["logprobs"], advantages, trust, r["response_mask"]), optimizer, model)
+    return {"generation": generate, "scoring": score, "update": update}, [model]
+
+
 def dypo_recipe(s):
     import dypo
     model, reference = s.policy(), s.frozen()
@@ -299,14 +324,37 @@ def opd_recipe(s):
     return {"generation": generate, "scoring": score, "update": update}, [model]
 
 
+def opd_plus_recipe(s):
+    import opd_plus
+    model, teacher = s.policy(), s.frozen(s.teacher_folder)
+    optimizer = s.optimizer(model)
+
+    def generate(state):
+        state["rollout"] = s.rollout(model)
+
+    def score(state):
+        r = state["rollout"]
+        with torch.no_grad():
+            log_u = (logprobs(teacher, r) - r["logprobs"]).clamp(-6.0, 6.0)
+        state["advantages"] = opd_plus.f_advantage(log_u, "jsd") * r["response_mask"]
+
+    def update(state):
+        r = state["rollout"]
+        loss = opd_plus.opd_loss(logprobs(model, r), r["logprobs"], state["advantages"], r["response_mask"])
+        s.step(loss, optimizer, model)
+    return {"generation": generate, "scoring": score, "update": update}, [model]
+
+
 # method -> (recipe, the method module's functions it needs, TRL counterpart)
 RECIPES = {
     "sft": (sft_recipe, ["sft_loss"], "SFTTrainer"),
     "dpo": (dpo_recipe, ["dpo_loss", "concatenated_logps"], "DPOTrainer"),
     "ppo": (ppo_recipe, ["policy_loss", "value_loss", "gae", "token_rewards", "whiten", "Critic", "critic_values"],
             None),
+    "dppo": (dppo_recipe, ["group_advantages", "binary_divergence", "dppo_mask", "dppo_loss"], "GRPOTrainer"),
     "dypo": (dypo_recipe, ["dypo_loss"], "GRPOTrainer"),
     "opd": (opd_recipe, ["opd_loss", "opd_advantage"], "DistillationTrainer"),
+    "opd_plus": (opd_plus_recipe, ["f_advantage", "opd_loss"], "DistillationTrainer"),
 }
 PHASES = ("generation", "scoring", "update")
 
@@ -521,7 +569,8 @@ def machine(device):
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {name}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"CPU {name}, {torch.get_num_threads()} threads (OMP_NUM_THREADS={threads})"
 
 
 def fmt(x, spec):
@@ -606,7 +655,7 @@ def main():
         lines = []
         for method, r in rows:
             line = [method, fmt(r.get("generation"), ".3f"), fmt(r.get("scoring"), ".3f"), fmt(r.get("update"), ".3f"),
-                    fmt(r.get("step"), ".3f"), fmt(r.get("tok/s"), ".0f"), fmt(r.get("peak GB"), ".2f")]
+                    fmt(r.get("step"), ".3f"), fmt(r.get("tok/s"), ".4g"), fmt(r.get("peak GB"), ".2f")]
             if gpu:
                 line.append(fmt(r.get("MFU") and 100 * r["MFU"], ".1f") + ("%" if r.get("MFU") else ""))
             if trl:
