@@ -1,0 +1,153 @@
+"""tropd.py: trust mask, prefix schedule, top-K forward KL and the loss against naive references;
+end-to-end runs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import tropd
+from test_scripts import SUMMARY_FIELDS, metrics, ok, one_line_error, run, summary
+
+
+def test_trust_mask_mean_matches_acceptance_probability():
+    teacher = torch.log(torch.tensor([[0.05, 0.3, 0.5, 0.9]]))
+    student = torch.log(torch.tensor([[0.5, 0.6, 0.5, 0.3]]))
+    want = [min(t / s, 1.0) for t, s in zip([0.05, 0.3, 0.5, 0.9], [0.5, 0.6, 0.5, 0.3])]  # 0.1, 0.5, 1, 1
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([tropd.trust_mask(teacher, student, generator=g) for _ in range(20000)])  # (N, 1, 4)
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    for j, p in enumerate(want):
+        assert draws[:, 0, j].mean().item() == pytest.approx(p, abs=0.015)
+    assert (draws[:, 0, 2:] == 1).all()  # the teacher likes the token at least as much: always trusted
+    # the same generator seed gives the same draws; given uniforms are compared with P
+    a = tropd.trust_mask(teacher, student, generator=torch.Generator().manual_seed(5))
+    b = tropd.trust_mask(teacher, student, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    u = torch.tensor([[0.09, 0.51, 0.99, 0.0]])
+    assert tropd.trust_mask(teacher, student, uniform=u).tolist() == [[1.0, 0.0, 1.0, 1.0]]
+
+
+def test_prefix_length_cosine_schedule():
+    for length in (0, 1, 7, 100):
+        for total in (1, 10, 37):
+            lengths = [tropd.prefix_length(t, total, length) for t in range(total + 5)]
+            for t, got in enumerate(lengths):
+                want = 0 if t >= total else int(math.floor((1 + math.cos(math.pi * t / total)) / 2 * length))
+                assert got == want
+            assert lengths[0] == length and lengths[total:] == [0] * 5
+            assert all(a >= b for a, b in zip(lengths, lengths[1:]))  # never grows
+    assert tropd.prefix_length(50, 100, 10) == 5
+
+
+def test_topk_forward_kl_against_naive():
+    g = torch.Generator().manual_seed(0)
+    t = torch.log_softmax(torch.randn(2, 3, 20, generator=g), -1)[..., :6]  # top-K of a bigger vocab: sums < 1
+    s = torch.log_softmax(torch.randn(2, 3, 20, generator=g), -1)[..., :6]
+    got = tropd.topk_forward_kl(t, s)
+    assert got.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            pt = [math.exp(x) for x in t[i, j].tolist()]
+            ps = [math.exp(x) for x in s[i, j].tolist()]
+            pt = [x / sum(pt) for x in pt]
+            ps = [x / sum(ps) for x in ps]
+            want = -sum(a * math.log(a / b) for a, b in zip(pt, ps))
+            assert got[i, j].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert (got <= 0).all()
+    # renormalisation: a student that matches the teacher up to a constant factor on the K ids has KL 0
+    assert tropd.topk_forward_kl(t, t - 1.3).abs().max() < 1e-6
+
+
+def test_tropd_advantage_outlier_kinds():
+    teacher = torch.tensor([[-5.0, -1.0]])
+    student = torch.tensor([[-1.0, -2.0]])
+    trusted = torch.tensor([[0.0, 1.0]])
+    fkl = torch.tensor([[-0.7, -0.2]])
+    opd = teacher - student  # [-4, 1]
+    def adv(kind, outlier=fkl, mask=trusted):
+        return tropd.tropd_advantage(teacher, student, mask, outlier, kind, -2.0)
+    torch.testing.assert_close(adv("fkl"), torch.tensor([[-0.7, 1.0]]))
+    torch.testing.assert_close(adv("mask", None), torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(adv("clip", None), torch.tensor([[-2.0, 1.0]]))
+    torch.testing.assert_close(adv("fkl", mask=torch.ones(1, 2)), opd)
+
+
+def test_tropd_loss_value_and_gradient():
+    """On-policy tokens: the IS-REINFORCE term; prefix tokens: -beta * log pi_S; one token mean."""
+    g = torch.Generator().manual_seed(1)
+    logp = (-torch.rand(2, 4, generator=g)).requires_grad_()
+    rollout = logp.detach() + 0.1 * torch.randn(2, 4, generator=g)
+    adv = torch.randn(2, 4, generator=g)
+    prefix = torch.tensor([[0., 0., 0., 0.], [1., 1., 0., 0.]])
+    policy = torch.tensor([[1., 1., 1., 0.], [0., 0., 1., 1.]])
+    beta = 0.5
+    loss = tropd.tropd_loss(logp, rollout, adv, policy, prefix, beta)
+    n = 7
+    want = 0.0
+    for i in range(2):
+        for t in range(4):
+            if policy[i, t]:
+                want -= math.exp(logp[i, t].item() - rollout[i, t].item()) * adv[i, t].item() / n
+            if prefix[i, t]:
+                want -= beta * logp[i, t].item() / n
+    assert loss.item() == pytest.approx(float(want), rel=1e-5)
+    loss.backward()
+    ratio = torch.exp(logp.detach() - rollout)
+    torch.testing.assert_close(logp.grad, (-ratio * adv * policy - beta * prefix) / n)
+    # the prefix term raises the student's log-prob of the teacher's tokens: a gradient step lowers the loss there
+    assert (logp.grad[prefix.bool()] < 0).all()
+
+
+def test_guided_rows_prefix_then_continuation():
+    eos = 2
+    rollout = {"prompt_width": 1,
+               "input_ids": torch.tensor([[9, 5, 6, eos], [9, 7, eos, 0], [9, 8, eos, 0]]),
+               "response_mask": torch.tensor([[1., 1., 1.], [1., 1., 0.], [1., 1., 0.]]),
+               "logprobs": torch.tensor([[-.1, -.2, -.3], [-.4, -.5, 0.], [-.6, -.7, 0.]])}
+    prefixes = [[4, 4], [4, 4, eos]]  # the second prefix is a whole teacher response
+    responses, logps, lens = tropd.guided_rows(rollout, 1, prefixes, eos)
+    assert responses == [[5, 6, eos], [4, 4, 7, eos], [4, 4, eos]]
+    assert logps[0] == pytest.approx([-.1, -.2, -.3])
+    assert logps[1] == pytest.approx([0, 0, -.4, -.5]) and logps[2] == [0.0] * 3
+    assert lens == [0, 2, 3]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SHORT = ["--steps", 3, "--prompts-per-step", 8, "--micro-batch-size", 20, "--guide-steps", 3]
+
+
+def test_smoke(tmp_path):
+    out = tmp_path / "run"
+    proc = ok(run("tropd.py", *SHORT, "--out", out))
+    s = summary(out)
+    assert SUMMARY_FIELDS <= set(s) and s["method"] == "tropd" and s["teacher_accuracy"] > 0.9
+    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == s
+    m = metrics(out)
+    assert m[0]["guide/prefix_fraction"] == 1.0 and m[-1]["guide/prefix_fraction"] < 1.0
+    assert all(0 < x["trust/trusted_fraction"] < 1 and x["trust/outlier_advantage"] <= 0 for x in m)
+
+
+def test_two_processes_match_one(tmp_path):
+    args = [*SHORT, "--lr", 1e-3]
+    ok(run("tropd.py", *args, "--gpus", 1, "--out", tmp_path / "one"))
+    ok(run("tropd.py", *args, "--gpus", 2, "--out", tmp_path / "two"))
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        for key in ("train/loss", "trust/trusted_fraction", "guide/prefix_fraction", "rollout/reward_mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_prompts_without_teacher_responses_use_the_teacher(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i + 1}=", "answer": str(2 * i + 1)}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "run"
+    ok(run("tropd.py", "--data", data, "--steps", 1, "--prompts-per-step", 8, "--micro-batch-size", 40,
+           "--out", out))
+    assert metrics(out)[0]["guide/prefix_fraction"] == 1.0
+
+
+def test_unknown_outlier_kind(tmp_path):
+    one_line_error(run("tropd.py", "--outlier", "kl", "--out", tmp_path / "r"), "--outlier", "fkl, mask, clip")

@@ -1,0 +1,320 @@
+"""Trust Region On-Policy Distillation, TrOPD (Xing, Wang, Gao, Li, Tang 2026, arXiv 2606.01249).
+
+On-policy distillation (opd.py) with two changes. (1) A trust region per sampled token: the K1
+reward log(pi_T/pi_S) explodes where the teacher gives a student token almost no mass, so each
+token is trusted with probability min(pi_T/pi_S, 1) (the speculative-decoding acceptance test);
+trusted tokens keep the OPD advantage, untrusted ones ("outliers") get a bounded one. (2) Off-policy
+guidance: one extra sample per prompt starts from a prefix of a teacher response, which shrinks on
+a cosine schedule to nothing; the student continues on-policy after it. Objective (the paper's Eq. 13):
+  J = - 1[y~pi_S] (1-M) sum_{v in TopK(pi_T)} p_T,v log(p_T,v / p_S,v)     (outliers, top-K forward KL)
+      - 1[y~pi_S] M log(pi_S / pi_T)                                     (trusted: OPD)
+      - beta 1[y~pi_T] log(pi_T / pi_S)                                  (teacher prefix tokens)
+maximised with the importance-sampled REINFORCE loss of opd.py for the student's own tokens and the
+direct gradient of the last term for the teacher's prefix tokens.
+
+Run:
+  python tropd.py                                     # tiny world (world/teacher_large), CPU, about 2 minutes
+  python tropd.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B --data prompts.jsonl \
+      --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --lr 5e-6 --offload-teacher
+  python tropd.py --gpus 8 ...                        # or: torchrun --nproc-per-node 8 tropd.py ...
+
+Implementation details (most of the paper's details come from secondary write-ups: each is an option):
+  1. Data: JSONL with `prompt` and `answer`, and optionally `teacher_responses` (a list): the guided
+     sample's prefix comes from its first element (in the tiny world, teacher_large's greedy
+     response, the default --teacher). Prompts without one get a response sampled from the teacher
+     at the step (temperature 1).
+  2. Trust: M_t ~ Bernoulli(min(pi_T(y_t)/mu(y_t), 1)), with mu the student's log-prob recorded while
+     sampling. One uniform per token of the global batch (seeded), so 1 and N processes agree.
+  3. Outliers (`--outlier`): `fkl` (default) advantage = the negative forward KL from the teacher's
+     top-K (K=64, `--top-k`) to the student, both renormalised over those K ids; `mask`: 0; `clip`:
+     max(log(pi_T/pi_S), --clip-tau). On the tiny world (17 tokens) the top-K is the whole vocabulary.
+  4. Guidance: each prompt adds one sample whose first floor((1 + cos(pi t / T)) / 2 * L) tokens are
+     the teacher response's (L tokens with EOS; t the step counting from 0, T = --guide-steps), so
+     step 1 trains on the whole teacher response and guidance is gone after T steps.
+  5. Sign of the prefix term (checked against Eq. 13, as the spec asks): the write-ups give it as an
+     "advantage beta (log pi_S - log pi_T)", but the tokens come from the teacher, not the student,
+     and the gradient of -beta log(pi_T/pi_S) for fixed y ~ pi_T is beta grad log pi_S(y_t). So prefix
+     tokens get the direct loss -beta log pi_S(y_t) (a forward-KL / NLL term), beta = 0.001.
+  6. Token mean over every response token of the optimizer step (on-policy and prefix), as opd.py.
+  7. The teacher scores each micro-batch in one no-grad forward that also returns its top-K; the
+     student's log-probs at those K ids come from its own training forward (no second pass).
+  8. Logged: trust/trusted_fraction, trust/outlier_advantage (mean over outlier tokens),
+     guide/prefix_fraction (prefix tokens / teacher response tokens), distill/reverse_kl (K1, on the
+     student's own tokens), rollout/reward_mean (accuracy of the on-policy samples), as opd.py.
+  9. Tiny-world choice: lr 1e-4 as opd.py, for a side-by-side on the same budget; the paper uses
+     5e-6 at scale. Compared there against OPD, EOPD and REOPOLD; only OPD is reproduced here.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
+                    clip_grad, decode_responses, evaluate, free_memory, init_distributed, load_model,
+                    load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model, UserError,
+                    warmup_schedule)
+
+
+@dataclass
+class Args:
+    model: str = str(WORLD / "student")
+    """student causal LM to train: a local folder or a Hugging Face hub id"""
+    teacher: str = str(WORLD / "teacher_large")
+    """teacher causal LM (frozen; must share the student's tokenizer)"""
+    data: str = str(WORLD / "prompts.jsonl")
+    """training JSONL, one {"prompt", "answer", "teacher_responses"?} per line (the answer only for the logged
+    sample accuracy; the first teacher response, if any, is the guided sample's prefix)"""
+    eval_data: str = str(WORLD / "test_id.jsonl")
+    """in-distribution test JSONL, one {"prompt", "answer"} per line (greedy accuracy)"""
+    ood_data: str = str(WORLD / "test_ood.jsonl")
+    """out-of-distribution test JSONL, same format"""
+    out: str = "runs/tropd"
+    """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
+    steps: int = 100
+    """optimizer steps (one rollout batch each)"""
+    prompts_per_step: int = 64
+    """prompts sampled per step, over all processes"""
+    group_size: int = 4
+    """on-policy responses sampled per prompt (plus one guided sample)"""
+    micro_batch_size: int = 160
+    """sequences per forward/backward on one process (gradient accumulation fills the rest)"""
+    max_new_tokens: int = 8
+    """longest sampled response (and at evaluation)"""
+    lr: float = 1e-4
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    outlier: str = "fkl"
+    """advantage of untrusted tokens: fkl (negative top-K forward KL), mask (0) or clip (max(log u, clip_tau))"""
+    top_k: int = 64
+    """K of the teacher's top-K in the fkl outlier advantage"""
+    clip_tau: float = -2.0
+    """floor of log(pi_T/pi_S) for --outlier clip"""
+    guide_steps: int = 100
+    """T: steps over which the guided prefix shrinks from the whole teacher response to nothing"""
+    prefix_beta: float = 0.001
+    """beta: weight of the forward-KL (NLL) term on the teacher's prefix tokens"""
+    offload_teacher: bool = False
+    """keep the teacher on the CPU and move it to the GPU only to score the rollouts"""
+    seed: int = 1
+    """seed of prompt order, sampling and the trust draws"""
+    gpus: int = 1
+    """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass to save memory"""
+    save_every: int = 0
+    """also write the checkpoint every this many steps (0: only at the end)"""
+
+
+# ----------------------------------------------------------------------------- the method
+
+def opd_advantage(student_logp, teacher_logp):
+    """Per-token K1 reverse-KL reward, used as the advantage: log pi_T - log mu. Both (B, R); (B, R)."""
+    return teacher_logp - student_logp
+
+
+def trust_mask(teacher_logp, student_logp, generator=None, uniform=None):
+    """Bernoulli(min(pi_T / pi_S, 1)) per token, as float (B, R): 1 = trusted. The draws come from
+    `generator`, or are the given `uniform` (B, R) in [0, 1) (the loop passes its share of the global
+    batch's draws)."""
+    p = torch.exp(teacher_logp - student_logp).clamp(max=1.0)
+    if uniform is None:
+        uniform = torch.rand(p.shape, generator=generator, device=p.device)
+    return (uniform < p).float()
+
+
+def prefix_length(step, total_steps, length):
+    """Tokens of the teacher response that prefix the guided sample: cosine from `length` at step 0
+    to 0 at `total_steps`, and 0 after."""
+    if step >= total_steps:
+        return 0
+    return math.floor((1 + math.cos(math.pi * step / total_steps)) / 2 * length)
+
+
+def topk_forward_kl(teacher_topk_logp, student_logp_at_teacher_topk):
+    """Outlier advantage: -KL(p_T || p_S) over the teacher's top-K ids, both renormalised over those
+    K. Inputs (B, R, K); returns (B, R), <= 0."""
+    log_t = torch.log_softmax(teacher_topk_logp, -1)
+    log_s = torch.log_softmax(student_logp_at_teacher_topk, -1)
+    return -(log_t.exp() * (log_t - log_s)).sum(-1)
+
+
+def tropd_advantage(teacher_logp, student_logp, trusted, outlier, outlier_kind, clip_tau):
+    """Trusted tokens: the OPD advantage; outliers: `outlier` (fkl, given (B, R)), 0 (mask), or the
+    OPD advantage floored at clip_tau (clip). All (B, R)."""
+    adv = opd_advantage(student_logp, teacher_logp)
+    alt = {"fkl": outlier, "mask": torch.zeros_like(adv), "clip": adv.clamp(min=clip_tau)}[outlier_kind]
+    return torch.where(trusted.bool(), adv, alt)
+
+
+def tropd_loss(logp, rollout_logp, advantages, policy_mask, prefix_mask, beta):
+    """-token mean of exp(logp - rollout_logp) * sg(advantages) on the student's own tokens, plus
+    -beta * logp on the teacher's prefix tokens (Eq. 13's last term). All (B, R); mean over both masks."""
+    ratio = torch.exp(logp - rollout_logp)                                # (B, R)
+    return -((ratio * advantages.detach() * policy_mask).sum() + beta * (logp * prefix_mask).sum()) \
+        / (policy_mask + prefix_mask).sum()
+
+
+# ----------------------------------------------------------------------------- training
+
+def rows_of(batch, rows):
+    """The rows `rows` (a slice) of a rollout batch."""
+    return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, batch, micro_batch_size, d, offload, top_k):
+    """log pi_T of the batch's response tokens (B, R), and the teacher's top-k ids and log-probs
+    (B, R, k), micro-batch by micro-batch."""
+    if offload:
+        teacher.to(d.device)
+    B = batch["input_ids"].shape[0]
+    parts = [teacher(**{k: v for k, v in rows_of(batch, slice(i, i + micro_batch_size)).items()
+                        if k in ("input_ids", "attention_mask", "prompt_width")}, topk=top_k)
+             for i in range(0, B, micro_batch_size)]
+    if offload:
+        free_memory(teacher)
+    return {k: torch.cat([p[k] for p in parts]) for k in ("logp", "topk_ids", "topk_logp")}
+
+
+def guided_rows(rollout, n_policy, prefixes, eos_id):
+    """Assemble the training rows after sampling. Rows 0..n_policy-1 are on-policy samples; row
+    n_policy + j is prompt j's guided sample: its teacher prefix, then the student's continuation
+    (none if the prefix already ends the response). Returns per-row response ids, sampler log-probs
+    (0 on prefix tokens) and prefix lengths."""
+    P = rollout["prompt_width"]
+    responses, logps, prefix_lens = [], [], []
+    for i, (ids, m, lp) in enumerate(zip(rollout["input_ids"][:, P:], rollout["response_mask"], rollout["logprobs"])):
+        n = int(m.sum())
+        continuation, cont_logp = ids[:n].tolist(), lp[:n].tolist()
+        prefix = prefixes[i - n_policy] if i >= n_policy else []
+        if prefix and prefix[-1] == eos_id:
+            continuation, cont_logp = [], []
+        responses.append(prefix + continuation)
+        logps.append([0.0] * len(prefix) + cont_logp)
+        prefix_lens.append(len(prefix))
+    return responses, logps, prefix_lens
+
+
+def check_choice(value, choices, flag):
+    if value not in choices:
+        raise UserError(f"--{flag} must be one of {', '.join(choices)}, not '{value}'")
+
+
+def main():
+    args = parse_args(Args)
+    check_choice(args.outlier, ("fkl", "mask", "clip"), "outlier")
+    d = init_distributed(args.gpus)
+    check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
+    check_divisible(args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, d)
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
+    rows = read_jsonl(args.data, ("prompt", "answer"))
+    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    teacher = load_model(args.teacher, d, trainable=False)
+    top_k = min(args.top_k, model.lm.get_output_embeddings().weight.shape[0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log = Logger(args.out, d, args.steps, args)
+    log.banner(args, args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, "sequences")
+    trust_draws = torch.Generator(d.device).manual_seed(args.seed)  # same on every process: global batch
+
+    teacher_acc = evaluate(teacher, tokenizer, args.eval_data, d, args.max_new_tokens)
+    if args.offload_teacher:
+        free_memory(teacher)
+    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
+    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+
+    start = time.time()
+    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+        mine = [rows[i] for i in rank_slice(indices, d)]
+        prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
+        # the guided samples' prefixes: the first teacher response, or one the teacher samples now
+        responses = [(r.get("teacher_responses") or [None])[0] for r in mine]
+        missing = [j for j, t in enumerate(responses) if t is None]
+        if all_sum(len(missing), d).item():  # every process samples (a collective), some maybe a dummy row
+            out = sample(teacher, tokenizer, [prompts[j] for j in missing] or prompts[:1], d, args.max_new_tokens)
+            for j, text in zip(missing, decode_responses(tokenizer, out)):
+                responses[j] = text
+        teacher_ids = [response_ids(tokenizer, t) for t in responses]
+        prefixes = [ids[:prefix_length(step - 1, args.guide_steps, len(ids))] for ids in teacher_ids]
+
+        n_policy = len(mine) * args.group_size
+        rollout = sample(model, tokenizer, [p for p in prompts for _ in range(args.group_size)]
+                         + [p + prefix for p, prefix in zip(prompts, prefixes)], d, args.max_new_tokens)
+        texts = decode_responses(tokenizer, rollout)[:n_policy]
+        rewards = [reward(text, r["answer"]) for text, r in zip(texts, [r for r in mine for _ in range(args.group_size)])]
+        train_responses, train_logps, prefix_lens = guided_rows(rollout, n_policy, prefixes, tokenizer.eos_token_id)
+        batch = pad_batch([p for p in prompts for _ in range(args.group_size)] + prompts, train_responses,
+                          tokenizer.pad_token_id, d.device)
+        B, R = batch["response_mask"].shape
+        rollout_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in train_logps], device=d.device)  # (B, R)
+        prefix_mask = (torch.arange(R, device=d.device) < torch.tensor(prefix_lens, device=d.device)[:, None]).float()
+        policy_mask = batch["response_mask"] - prefix_mask                   # the student's own tokens
+        scores = teacher_logprobs(teacher, batch, args.micro_batch_size, d, args.offload_teacher, top_k)
+        teacher_logp = scores["logp"] * batch["response_mask"]
+        # trust draws: one uniform per token of the GLOBAL batch, this process's block
+        W = int(all_max(R, d).item())
+        uniform = torch.rand(d.world * B, W, generator=trust_draws, device=d.device)[d.rank * B:(d.rank + 1) * B, :R]
+        trusted = trust_mask(teacher_logp, rollout_logp, uniform=uniform) * policy_mask
+        # per-process share of the step's token count: the gradient all-reduce averages over processes
+        n_tokens = all_sum(batch["response_mask"].sum(), d).item() / d.world
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, outlier advantage sum
+        for i in range(0, B, args.micro_batch_size):
+            part = slice(i, i + args.micro_batch_size)
+            mb = rows_of(batch, part)
+            student = model(mb["input_ids"], mb["attention_mask"], mb["prompt_width"], gather=scores["topk_ids"][part])
+            outlier = topk_forward_kl(scores["topk_logp"][part], student["gather_logp"]) \
+                if args.outlier == "fkl" else None
+            advantages = tropd_advantage(teacher_logp[part], rollout_logp[part], trusted[part], outlier, args.outlier,
+                                         args.clip_tau) * policy_mask[part]
+            loss = tropd_loss(student["logp"], rollout_logp[part], advantages, policy_mask[part], prefix_mask[part],
+                              args.prefix_beta) * mb["response_mask"].sum() / n_tokens
+            loss.backward()
+            sums += torch.tensor([loss.item(), (advantages * (1 - trusted[part]) * policy_mask[part]).sum().item()],
+                                 dtype=torch.float64)
+        loss = all_sum(sums[0], d).item() / d.world
+        check_finite(loss, step, args.out)
+        grad_norm = clip_grad(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        n_seqs = args.prompts_per_step * args.group_size
+        stats = all_sum(torch.stack([((rollout_logp - teacher_logp) * policy_mask).sum(), policy_mask.sum(),
+                                     trusted.sum(), sums[1].to(d.device), prefix_mask.sum(),
+                                     torch.tensor(float(sum(map(len, teacher_ids))), device=d.device),
+                                     torch.tensor(sum(rewards), device=d.device),
+                                     batch["response_mask"][:n_policy].sum()]), d).tolist()
+        rkl, n_policy_tokens, n_trusted, outlier_sum, n_prefix, n_teacher, reward_sum, policy_length = stats
+        log.log(step, {"train/loss": loss, "distill/reverse_kl": rkl / n_policy_tokens,
+                       "trust/trusted_fraction": n_trusted / n_policy_tokens,
+                       "trust/outlier_advantage": outlier_sum / max(n_policy_tokens - n_trusted, 1),
+                       "guide/prefix_fraction": n_prefix / n_teacher,
+                       "rollout/reward_mean": reward_sum / n_seqs, "rollout/response_length": policy_length / n_seqs,
+                       "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                       "sys/peak_mem_gb": peak_mem_gb(d.device)})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    seconds = time.time() - start
+
+    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    log.summary(method="tropd", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
+                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3), teacher_accuracy=teacher_acc)
+
+
+if __name__ == "__main__":
+    run(main)
