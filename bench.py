@@ -24,10 +24,11 @@ What it measures, per method (each in a fresh process, so peak memory is that me
 
 Every step uses random token ids: prompts of exactly --prompt-len tokens and responses of exactly
 --response-len (generation ignores EOS on both sides: ours by sampling with no EOS id, TRL's with
-min_new_tokens), so a step holds batch_size * (prompt_len + response_len) tokens on both sides. The models see a synthetic word-level tokenizer ("t0 t1 ...", one word per id of
-the model's vocabulary, pad = id 0, EOS = the last id) so that TRL, which takes text, tokenizes
-exactly the ids we feed; --model's own tokenizer is not used. Rewards are fixed 0/1 values (ours:
-half of each group right; TRL: random draws).
+min_new_tokens), so a step holds batch_size * (prompt_len + response_len) tokens on both sides. The
+models see a synthetic word-level tokenizer ("t0 t1 ...", one word per id of the model's vocabulary,
+pad = id 0, EOS = the last id) so that TRL, which takes text, tokenizes exactly the ids we feed;
+--model's own tokenizer is not used. Rewards are fixed 0/1 values (ours: half of each group right;
+TRL: random draws).
 
 Named models: `tiny` is world/student (its teacher for distillation: world/teacher_large);
 `qwen2-0.5b` is the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate
@@ -40,7 +41,7 @@ functions; a method whose file or functions do not exist yet is skipped with a n
 against the method files (the same on every run, so the figures compare): one update per rollout
 (PPO: 1 epoch, 1 minibatch; DPPO: 1 minibatch), one micro-batch per step, DYPO with every group
 Mid (GRPO + GAL on all responses, no SFT rows), DPPO with the binary TV divergence (delta 0.15),
-OPD+ with JSD.
+OPD+ with JSD, TrOPD without its guided (teacher-prefix) sample, outliers by top-64 forward KL.
 
 TRL counterparts and how they differ (TRL's defaults otherwise, but no gradient checkpointing, no
 logging, evaluation or saving, AdamW "adamw_torch", constant lr, bf16 mixed precision on GPU and
@@ -51,7 +52,7 @@ fp32 on CPU, like ours):
             policy scores it before the update, which is what dpo.py precomputes)
   dppo      GRPOTrainer, beta 0 (no reference), loss "dapo" (token mean); no divergence mask
   dypo      GRPOTrainer, beta 0.04 (a reference model scores the rollout, as pi_ref does for GAL)
-  opd, opd_plus
+  opd, opd_plus, tropd
             DistillationTrainer, on-policy, beta 1 (reverse KL) over the full vocabulary, the same
             teacher, one sample for each of batch_size prompts (ours: group_size samples for each of
             batch_size / group_size prompts, the same token count); ours uses only the sampled
@@ -345,6 +346,31 @@ def opd_plus_recipe(s):
     return {"generation": generate, "scoring": score, "update": update}, [model]
 
 
+def tropd_recipe(s):
+    import tropd
+    model, teacher = s.policy(), s.frozen(s.teacher_folder)
+    optimizer = s.optimizer(model)
+    top_k = min(64, s.vocab)
+
+    def generate(state):
+        state["rollout"] = s.rollout(model)
+
+    def score(state):
+        r = state["rollout"]
+        with torch.no_grad():
+            state["teacher"] = teacher(r["input_ids"], r["attention_mask"], r["prompt_width"], topk=top_k)
+        state["trusted"] = tropd.trust_mask(state["teacher"]["logp"], r["logprobs"], generator=s.g) * r["response_mask"]
+
+    def update(state):
+        r, t, mask = state["rollout"], state["teacher"], state["rollout"]["response_mask"]
+        student = model(r["input_ids"], r["attention_mask"], r["prompt_width"], gather=t["topk_ids"])
+        outlier = tropd.topk_forward_kl(t["topk_logp"], student["gather_logp"])
+        advantages = tropd.tropd_advantage(t["logp"], r["logprobs"], state["trusted"], outlier, "fkl", -2.0) * mask
+        loss = tropd.tropd_loss(student["logp"], r["logprobs"], advantages, mask, torch.zeros_like(mask), 0.001)
+        s.step(loss, optimizer, model)
+    return {"generation": generate, "scoring": score, "update": update}, [model]
+
+
 # method -> (recipe, the method module's functions it needs, TRL counterpart)
 RECIPES = {
     "sft": (sft_recipe, ["sft_loss"], "SFTTrainer"),
@@ -355,6 +381,7 @@ RECIPES = {
     "dypo": (dypo_recipe, ["dypo_loss"], "GRPOTrainer"),
     "opd": (opd_recipe, ["opd_loss", "opd_advantage"], "DistillationTrainer"),
     "opd_plus": (opd_plus_recipe, ["f_advantage", "opd_loss"], "DistillationTrainer"),
+    "tropd": (tropd_recipe, ["trust_mask", "topk_forward_kl", "tropd_advantage", "tropd_loss"], "DistillationTrainer"),
 }
 PHASES = ("generation", "scoring", "update")
 
