@@ -108,9 +108,9 @@ class Args:
     """response tokens per sequence, generated or given (default 16 on CPU, 256 on GPU)"""
     group_size: int = 4
     """responses per prompt for the group-advantage and distillation methods"""
-    warmup: int = 1
+    warmup: int = 2
     """steps run before timing"""
-    repeats: int = 3
+    repeats: int = 5
     """timed steps; the table shows their median"""
     peak_tflops: float = 989.0
     """peak dense bf16 TFLOP/s of the GPU, for MFU (989: H100 SXM)"""
