@@ -681,8 +681,10 @@ def main():
             header += ["TRL trainer", "TRL step s", "TRL peak GB", "ours/TRL"]
         lines = []
         for method, r in rows:
+            rate = r.get("tok/s")
             line = [method, fmt(r.get("generation"), ".3f"), fmt(r.get("scoring"), ".3f"), fmt(r.get("update"), ".3f"),
-                    fmt(r.get("step"), ".3f"), fmt(r.get("tok/s"), ".0f" if r.get("tok/s", 0) >= 10 else ".2g"), fmt(r.get("peak GB"), ".2f")]
+                    fmt(r.get("step"), ".3f"), fmt(rate, ".0f" if rate and rate >= 10 else ".2g"),
+                    fmt(r.get("peak GB"), ".2f")]
             if gpu:
                 line.append(fmt(r.get("MFU") and 100 * r["MFU"], ".1f") + ("%" if r.get("MFU") else ""))
             if trl:
