@@ -151,7 +151,7 @@ class Setup:
 
     def __init__(self, args, d, folder, teacher_folder):
         from transformers import AutoConfig
-        self.args, self.d, self.folder, self.teacher_folder = args, d, folder, teacher_folder
+        self.d, self.folder, self.teacher_folder = d, folder, teacher_folder
         self.B, self.P, self.R, self.G = args.batch_size, args.prompt_len, args.response_len, args.group_size
         self.vocab = AutoConfig.from_pretrained(folder).vocab_size
         self.eos = self.vocab - 1
