@@ -185,23 +185,21 @@ def teacher_logprobs(teacher, batch, micro_batch_size, d, offload, top_k):
     return {k: torch.cat([p[k] for p in parts]) for k in ("logp", "topk_ids", "topk_logp")}
 
 
-def guided_rows(rollout, n_policy, prefixes, eos_id):
-    """Assemble the training rows after sampling. Rows 0..n_policy-1 are on-policy samples; row
-    n_policy + j is prompt j's guided sample: its teacher prefix, then the student's continuation
-    (none if the prefix already ends the response). Returns per-row response ids, sampler log-probs
-    (0 on prefix tokens) and prefix lengths."""
+def guided_rows(rollout, prefixes, eos_id):
+    """Assemble the training rows after sampling: row i is its prefix (a teacher-response prefix for
+    guided samples, [] for on-policy ones), then the student's continuation (none if the prefix
+    already ends the response). Returns per-row response ids, sampler log-probs (0 on prefix
+    tokens) and prefix lengths."""
     P = rollout["prompt_width"]
-    responses, logps, prefix_lens = [], [], []
-    for i, (ids, m, lp) in enumerate(zip(rollout["input_ids"][:, P:], rollout["response_mask"], rollout["logprobs"])):
+    responses, logps = [], []
+    for ids, m, lp, prefix in zip(rollout["input_ids"][:, P:], rollout["response_mask"], rollout["logprobs"], prefixes):
         n = int(m.sum())
         continuation, cont_logp = ids[:n].tolist(), lp[:n].tolist()
-        prefix = prefixes[i - n_policy] if i >= n_policy else []
         if prefix and prefix[-1] == eos_id:
             continuation, cont_logp = [], []
         responses.append(prefix + continuation)
         logps.append([0.0] * len(prefix) + cont_logp)
-        prefix_lens.append(len(prefix))
-    return responses, logps, prefix_lens
+    return responses, logps, [len(p) for p in prefixes]
 
 
 def check_choice(value, choices, flag):
@@ -250,14 +248,18 @@ def main():
         teacher_ids = [response_ids(tokenizer, t) for t in responses]
         prefixes = [ids[:prefix_length(step - 1, args.guide_steps, len(ids))] for ids in teacher_ids]
 
-        n_policy = len(mine) * args.group_size
-        rollout = sample(model, tokenizer, [p for p in prompts for _ in range(args.group_size)]
-                         + [p + prefix for p, prefix in zip(prompts, prefixes)], d, args.max_new_tokens)
-        texts = decode_responses(tokenizer, rollout)[:n_policy]
-        rewards = [reward(text, r["answer"]) for text, r in zip(texts, [r for r in mine for _ in range(args.group_size)])]
-        train_responses, train_logps, prefix_lens = guided_rows(rollout, n_policy, prefixes, tokenizer.eos_token_id)
-        batch = pad_batch([p for p in prompts for _ in range(args.group_size)] + prompts, train_responses,
-                          tokenizer.pad_token_id, d.device)
+        # per prompt: group_size on-policy samples, then the guided one (rows stay grouped by prompt,
+        # so each process's rows are a contiguous block of the global batch)
+        G = args.group_size + 1
+        row_prompts = [p for p in prompts for _ in range(G)]
+        row_prefixes = [prefix if i == G - 1 else [] for prefix in prefixes for i in range(G)]
+        on_policy = [i % G < G - 1 for i in range(len(row_prompts))]
+        rollout = sample(model, tokenizer, [p + prefix for p, prefix in zip(row_prompts, row_prefixes)], d,
+                         args.max_new_tokens)
+        rewards = [reward(text, mine[i // G]["answer"])
+                   for i, text in enumerate(decode_responses(tokenizer, rollout)) if on_policy[i]]
+        train_responses, train_logps, prefix_lens = guided_rows(rollout, row_prefixes, tokenizer.eos_token_id)
+        batch = pad_batch(row_prompts, train_responses, tokenizer.pad_token_id, d.device)
         B, R = batch["response_mask"].shape
         rollout_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in train_logps], device=d.device)  # (B, R)
         prefix_mask = (torch.arange(R, device=d.device) < torch.tensor(prefix_lens, device=d.device)[:, None]).float()
@@ -295,7 +297,7 @@ def main():
                                      trusted.sum(), sums[1].to(d.device), prefix_mask.sum(),
                                      torch.tensor(float(sum(map(len, teacher_ids))), device=d.device),
                                      torch.tensor(sum(rewards), device=d.device),
-                                     batch["response_mask"][:n_policy].sum()]), d).tolist()
+                                     batch["response_mask"][torch.tensor(on_policy, device=d.device)].sum()]), d).tolist()
         rkl, n_policy_tokens, n_trusted, outlier_sum, n_prefix, n_teacher, reward_sum, policy_length = stats
         log.log(step, {"train/loss": loss, "distill/reverse_kl": rkl / n_policy_tokens,
                        "trust/trusted_fraction": n_trusted / n_policy_tokens,
