@@ -176,7 +176,8 @@ def main():
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         n_seqs = args.prompts_per_step * args.group_size
-        sums = all_sum(torch.stack([-advantages.sum(), torch.tensor(sum(rewards), device=mask.device)]), d)
+        sums = all_sum(torch.stack([((rollout_logp - teacher_logp) * mask).sum(),
+                                    torch.tensor(sum(rewards), device=mask.device)]), d)
         log.log(step, {"train/loss": loss, "distill/reverse_kl": sums[0].item() / (n_tokens * d.world),
                        "rollout/reward_mean": sums[1].item() / n_seqs,
                        "rollout/response_length": n_tokens * d.world / n_seqs, "train/grad_norm": grad_norm,

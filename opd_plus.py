@@ -1,0 +1,232 @@
+"""OPD+: on-policy distillation with an f-divergence and its unbiased advantage (Zhao, Chen, Lin,
+Winata, Yao, Tang 2026, "OPD+: Rethinking the Advantage Design for On-Policy Distillation",
+arXiv 2606.01039). The descendant of opd.py: `diff opd.py opd_plus.py` is the paper's change.
+
+Objective: minimise, on the student's own samples, the per-token f-divergence
+  D_f(pi_T || pi_theta)(s_t) = E_{y_t ~ pi_theta}[ f(u_t) ],  u_t = pi_T(y_t|s_t) / pi_theta(y_t|s_t),
+for a convex f with f(1) = 0. Its gradient is -E[ w_f(u) grad log pi_theta ] with the corrected
+advantage w_f(u) = -f(u) + u f'(u): the u f'(u) term comes from u's own dependence on pi_theta,
+which the stop-gradient advantage -f(u) of OPD drops. The loss is opd.py's importance-sampled
+REINFORCE with w_f in place of the K1 reward:
+  L = -(1 / N) * sum over response tokens of exp(log pi_theta - log mu) * sg(w_f(u_t)).
+
+  --divergence   f(u)                                  w_f(u) (OPD+)      -f(u) (--stop-gradient)
+  rkl            -ln u             (reverse KL)        ln u - 1           ln u  (= opd.py)
+  fkl            u ln u            (forward KL)        u                  -u ln u
+  jsd            1/2[u ln u - (1+u) ln((1+u)/2)]       1/2 ln((1+u)/2)    -f(u)
+  tv             1/2 |u - 1|       (total variation)   1/2 sign(u - 1)    -f(u)
+  chi2           (u - 1)^2         (Pearson chi^2)     u^2 - 1            -f(u)
+
+Run:
+  python opd_plus.py                                  # tiny world, jsd, CPU, about 2 minutes
+  python opd_plus.py --divergence fkl --stop-gradient # the paper's biased baseline for the same f
+  python opd_plus.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B --data prompts.jsonl \
+      --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --offload-teacher
+  python opd_plus.py --gpus 8 ...                     # or: torchrun --nproc-per-node 8 opd_plus.py ...
+
+Implementation details (1-5 as in opd.py):
+  1. Data: JSONL with `prompt` and `answer`. The answer is used only to log the accuracy of the
+     samples (rollout/reward_mean); the loss sees nothing but the teacher's log-probs.
+  2. Rollouts: `group_size` samples per prompt (4), at temperature 1 from the current student,
+     whose log-probs log mu are recorded as each token is drawn; u is computed with them (mu is
+     pi_theta at sampling time). One optimizer step per rollout batch.
+  3. The teacher scores the sampled tokens in one no-grad forward (micro-batch by micro-batch),
+     frozen, bf16 on GPU, on the CPU between uses with --offload-teacher; its tokenizer must be
+     the student's.
+  4. Each token's advantage is its own w_f(u_t) (discount 0), no baseline, no normalisation;
+     token mean over the optimizer step, as in opd.py.
+  5. Logged: distill/reverse_kl (K1, as in opd.py, comparable across divergences),
+     distill/f_divergence (the token mean of f(u): the estimate of the divergence trained on),
+     rollout/reward_mean, rollout/response_length; the teacher's accuracy once, for reference.
+  6. log u is clipped to [-6, 6] (--log-u-clip) before f and w_f are applied, as the paper
+     suggests for the unbounded forward-KL advantage u; it also bounds chi2's u^2.
+  7. tv and chi2 are extensions (not verified as the paper's own); rkl, fkl and jsd are its.
+  8. Tiny-world choice: the default divergence (jsd) and learning rate (1e-4) were picked on
+     the tiny world; see the README's table for the others.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
+                    clip_grad, decode_responses, evaluate, free_memory, init_distributed, load_model,
+                    load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule,
+                    UserError)
+
+
+@dataclass
+class Args:
+    model: str = str(WORLD / "student")
+    """student causal LM to train: a local folder or a Hugging Face hub id"""
+    teacher: str = str(WORLD / "teacher_large")
+    """teacher causal LM (frozen; must share the student's tokenizer)"""
+    data: str = str(WORLD / "prompts.jsonl")
+    """training JSONL, one {"prompt", "answer"} per line (the answer only for the logged sample accuracy)"""
+    eval_data: str = str(WORLD / "test_id.jsonl")
+    """in-distribution test JSONL, one {"prompt", "answer"} per line (greedy accuracy)"""
+    ood_data: str = str(WORLD / "test_ood.jsonl")
+    """out-of-distribution test JSONL, same format"""
+    out: str = "runs/opd_plus"
+    """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
+    steps: int = 100
+    """optimizer steps (one rollout batch each)"""
+    prompts_per_step: int = 64
+    """prompts sampled per step, over all processes"""
+    group_size: int = 4
+    """responses sampled per prompt"""
+    micro_batch_size: int = 128
+    """sequences per forward/backward on one process (gradient accumulation fills the rest)"""
+    max_new_tokens: int = 8
+    """longest sampled response (and at evaluation)"""
+    lr: float = 1e-4
+    """peak learning rate of AdamW"""
+    warmup_steps: int = 10
+    """linear learning-rate warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+    divergence: str = "jsd"
+    """the f-divergence D_f(teacher || student) to minimise: rkl, fkl, jsd, tv or chi2"""
+    stop_gradient: bool = False
+    """use OPD's biased stop-gradient advantage -f(u) instead of OPD+'s w_f(u) = -f(u) + u f'(u)"""
+    log_u_clip: float = 6.0
+    """clip log u = log pi_T - log mu to [-this, this] before f and w_f"""
+    offload_teacher: bool = False
+    """keep the teacher on the CPU and move it to the GPU only to score the rollouts"""
+    seed: int = 1
+    """seed of prompt order and sampling"""
+    gpus: int = 1
+    """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass to save memory"""
+    save_every: int = 0
+    """also write the checkpoint every this many steps (0: only at the end)"""
+
+
+# ----------------------------------------------------------------------------- the method
+
+# name: (f(u), w_f(u) = -f(u) + u f'(u)), each as a function of (log u, u)
+DIVERGENCES = {
+    "rkl": (lambda log_u, u: -log_u, lambda log_u, u: log_u - 1),
+    "fkl": (lambda log_u, u: u * log_u, lambda log_u, u: u),
+    "jsd": (lambda log_u, u: 0.5 * (u * log_u - (1 + u) * (torch.log1p(u) - math.log(2))),
+            lambda log_u, u: 0.5 * (torch.log1p(u) - math.log(2))),
+    "tv": (lambda log_u, u: 0.5 * (u - 1).abs(), lambda log_u, u: 0.5 * torch.sign(log_u)),
+    "chi2": (lambda log_u, u: (u - 1) ** 2, lambda log_u, u: u ** 2 - 1),
+}
+
+
+def f_advantage(log_u, divergence, stop_gradient=False):
+    """Per-token advantage from log u = log pi_T - log pi_theta, (B, R) -> (B, R): OPD+'s corrected
+    w_f(u) = -f(u) + u f'(u), or with stop_gradient OPD's -f(u) (biased unless f = -ln u)."""
+    f, w = DIVERGENCES[divergence]
+    u = log_u.exp()
+    return -f(log_u, u) if stop_gradient else w(log_u, u)
+
+
+def opd_loss(logp, rollout_logp, advantages, mask):
+    """Importance-sampled REINFORCE: -token mean over `mask` of exp(logp - rollout_logp) * sg(advantages).
+    logp: (B, R) with gradient; rollout_logp, advantages, mask: (B, R). Returns a scalar."""
+    ratio = torch.exp(logp - rollout_logp)                                # (B, R)
+    return -(ratio * advantages.detach() * mask).sum() / mask.sum()
+
+
+# ----------------------------------------------------------------------------- training
+
+def rows_of(batch, rows):
+    """The rows `rows` (a slice) of a rollout batch."""
+    return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher, rollout, micro_batch_size, d, offload):
+    """(B, R) log pi_T of the sampled response tokens (zero on padding), micro-batch by micro-batch."""
+    if offload:
+        teacher.to(d.device)
+    B = rollout["input_ids"].shape[0]
+    out = torch.cat([logprobs(teacher, rows_of(rollout, slice(i, i + micro_batch_size))).float()
+                     for i in range(0, B, micro_batch_size)])
+    if offload:
+        free_memory(teacher)
+    return out
+
+
+def main():
+    args = parse_args(Args)
+    if args.divergence not in DIVERGENCES:
+        raise UserError(f"--divergence {args.divergence} is not one of {', '.join(DIVERGENCES)}")
+    d = init_distributed(args.gpus)
+    check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
+    check_divisible(args.prompts_per_step * args.group_size, args.micro_batch_size, d)
+    seed_everything(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
+    rows = read_jsonl(args.data, ("prompt", "answer"))
+    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    teacher = load_model(args.teacher, d, trainable=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    log = Logger(args.out, d, args.steps, args)
+    log.banner(args, args.prompts_per_step * args.group_size, args.micro_batch_size, "sequences")
+
+    teacher_acc = evaluate(teacher, tokenizer, args.eval_data, d, args.max_new_tokens)
+    if args.offload_teacher:
+        free_memory(teacher)
+    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
+    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+
+    start = time.time()
+    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+        mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
+        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d, args.max_new_tokens)
+        rewards = [reward(text, r["answer"]) for text, r in zip(decode_responses(tokenizer, rollout), mine)]
+        mask, rollout_logp = rollout["response_mask"], rollout["logprobs"]  # (B, R) each
+        teacher_logp = teacher_logprobs(teacher, rollout, args.micro_batch_size, d, args.offload_teacher)
+        log_u = (teacher_logp - rollout_logp).clamp(-args.log_u_clip, args.log_u_clip)  # (B, R)
+        advantages = f_advantage(log_u, args.divergence, args.stop_gradient) * mask        # (B, R)
+        # per-process share of the step's token count: the gradient all-reduce averages over processes
+        n_tokens = all_sum(mask.sum(), d).item() / d.world
+        loss_sum = 0.0
+        for i in range(0, len(mine), args.micro_batch_size):
+            mb = rows_of(rollout, slice(i, i + args.micro_batch_size))
+            loss = opd_loss(logprobs(model, mb), mb["logprobs"], advantages[i:i + args.micro_batch_size],
+                            mb["response_mask"]) * mb["response_mask"].sum() / n_tokens
+            loss.backward()
+            loss_sum += loss.item()
+        loss = all_sum(loss_sum, d).item() / d.world
+        check_finite(loss, step, args.out)
+        grad_norm = clip_grad(model, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        n_seqs = args.prompts_per_step * args.group_size
+        sums = all_sum(torch.stack([((rollout_logp - teacher_logp) * mask).sum(),
+                                    -(f_advantage(log_u, args.divergence, stop_gradient=True) * mask).sum(),
+                                    torch.tensor(sum(rewards), device=mask.device)]), d)
+        log.log(step, {"train/loss": loss, "distill/reverse_kl": sums[0].item() / (n_tokens * d.world),
+                       "distill/f_divergence": sums[1].item() / (n_tokens * d.world),
+                       "rollout/reward_mean": sums[2].item() / n_seqs,
+                       "rollout/response_length": n_tokens * d.world / n_seqs, "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    seconds = time.time() - start
+
+    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+    log.summary(method="opd_plus", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
+                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3), teacher_accuracy=teacher_acc,
+                divergence=args.divergence, stop_gradient=args.stop_gradient)
+
+
+if __name__ == "__main__":
+    run(main)
