@@ -18,31 +18,35 @@ REINFORCE with w_f in place of the K1 reward:
   chi2           (u - 1)^2         (Pearson chi^2)     u^2 - 1            -f(u)
 
 Run:
-  python opd_plus.py                                  # tiny world, jsd, CPU, about 2 minutes
+  python opd_plus.py                                  # tiny world, jsd, CPU, 1-2 minutes
   python opd_plus.py --divergence fkl --stop-gradient # the paper's biased baseline for the same f
-  python opd_plus.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B --data prompts.jsonl \
+  python opd_plus.py --model Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B --data prompts.jsonl \
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --offload-teacher
   python opd_plus.py --gpus 8 ...                     # or: torchrun --nproc-per-node 8 opd_plus.py ...
 
-Implementation details (1-5 as in opd.py):
+Implementation details:
   1. Data: JSONL with `prompt` and `answer`. The answer is used only to log the accuracy of the
      samples (rollout/reward_mean); the loss sees nothing but the teacher's log-probs.
   2. Rollouts: `group_size` samples per prompt (4), at temperature 1 from the current student,
      whose log-probs log mu are recorded as each token is drawn; u is computed with them (mu is
      pi_theta at sampling time). One optimizer step per rollout batch.
   3. The teacher scores the sampled tokens in one no-grad forward (micro-batch by micro-batch),
-     frozen, bf16 on GPU, on the CPU between uses with --offload-teacher; its tokenizer must be
-     the student's.
+     frozen, bf16 on GPU, not sharded, on the CPU between uses with --offload-teacher; its
+     tokenizer must be the student's.
   4. Each token's advantage is its own w_f(u_t) (discount 0), no baseline, no normalisation;
      token mean over the optimizer step, as in opd.py.
   5. Logged: distill/reverse_kl (K1, as in opd.py, comparable across divergences),
      distill/f_divergence (the token mean of f(u): the estimate of the divergence trained on),
      rollout/reward_mean, rollout/response_length; the teacher's accuracy once, for reference.
-  6. log u is clipped to [-6, 6] (--log-u-clip) before f and w_f are applied, as the paper
-     suggests for the unbounded forward-KL advantage u; it also bounds chi2's u^2.
-  7. tv and chi2 are extensions (not verified as the paper's own); rkl, fkl and jsd are its.
-  8. Tiny-world choice: the default divergence (jsd) and learning rate (1e-4) were picked on
-     the tiny world; see the README's table for the others.
+  6. log u is clipped to [-6, 6] (--log-u-clip) before f and w_f are applied: forward KL's
+     advantage u is unbounded (the clip keeps it under e^6 = 403), and so is chi2's u^2. The clip
+     is the one difference between `--divergence rkl --stop-gradient` and opd.py.
+  7. rkl, fkl and jsd are the paper's; tv and chi2 are extensions (unverified as its own). The
+     formulas are restated above in full; the paper's equation numbers are not cited, as only its
+     abstract was available when this file was written.
+  8. Tiny-world choice: the default divergence (jsd) and learning rate (1e-4, as opd.py) were
+     picked on the tiny world, where jsd gave the best ID accuracy (README table). With
+     --stop-gradient, fkl and jsd collapse there (accuracy 0), as the paper reports at scale.
 """
 
 import math
