@@ -122,7 +122,8 @@ def test_value_loss_matches_naive_reference(clip):
     old, ret = rand(), rand()
     v = old + 0.3 * rand()
     got = ppo.value_loss(v, old, ret, mask, clip)
-    assert got.item() == pytest.approx(_naive_value_loss(v.tolist(), old.tolist(), ret.tolist(), lengths, clip), rel=1e-12)
+    want = _naive_value_loss(v.tolist(), old.tolist(), ret.tolist(), lengths, clip)
+    assert got.item() == pytest.approx(want, rel=1e-12)
 
 
 def test_losses_with_step_token_count_add_up_over_micro_batches():
@@ -144,7 +145,8 @@ def test_token_rewards_kl_penalty_and_score_at_last_token():
     got = ppo.token_rewards(scores, logp, ref, mask, 0.1)
     for i, n in enumerate(lengths):
         for t in range(4):
-            want = 0.0 if t >= n else -0.1 * (logp[i, t].item() - ref[i, t].item()) + (scores[i].item() if t == n - 1 else 0)
+            score = scores[i].item() if t == n - 1 else 0.0
+            want = 0.0 if t >= n else -0.1 * (logp[i, t].item() - ref[i, t].item()) + score
             assert got[i, t].item() == pytest.approx(want, abs=1e-12)
 
 
@@ -165,13 +167,17 @@ def test_critic_values_are_causal_and_start_at_zero(tiny_model_dir, tok):
     a left-padded row gets the same values as alone; the zero-initialised head starts at V = 0."""
     critic = ppo.Critic(common.load_model(tiny_model_dir, CPU).lm.get_decoder())
     prompts = [common.prompt_ids(tok, p) for p in ("12+34=", "5-6=")]
-    a = common.pad_batch(prompts, [common.response_ids(tok, "46"), common.response_ids(tok, "-1")], tok.pad_token_id, "cpu")
+
+    def batch(ps, responses):
+        return common.pad_batch(ps, [common.response_ids(tok, r) for r in responses], tok.pad_token_id, "cpu")
+
+    a = batch(prompts, ["46", "-1"])
     assert (ppo.critic_values(critic, a) == 0).all()
     torch.nn.init.normal_(critic.head.weight, generator=torch.Generator().manual_seed(0))
-    b = common.pad_batch(prompts, [common.response_ids(tok, "47"), common.response_ids(tok, "-1")], tok.pad_token_id, "cpu")
+    b = batch(prompts, ["47", "-1"])
     with torch.no_grad():
         va, vb = ppo.critic_values(critic, a), ppo.critic_values(critic, b)
-        alone = ppo.critic_values(critic, common.pad_batch(prompts[1:], [common.response_ids(tok, "-1")], tok.pad_token_id, "cpu"))
+        alone = ppo.critic_values(critic, batch(prompts[1:], ["-1"]))
     assert va.shape == (2, 3)
     torch.testing.assert_close(va[0, :2], vb[0, :2])             # y_1 differs ("6" vs "7"): V_0, V_1 do not
     assert not torch.allclose(va[0, 2], vb[0, 2])                # V_2 sees y_1
