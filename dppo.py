@@ -47,8 +47,8 @@ Implementation details:
   8. Deviation: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
      models. Tiny-world defaults (32 prompts x 8, lr 5e-5, 100 steps) were tuned on the ID split:
      with no critic, no whitening and no KL penalty the update is noisier than ppo.py's, and
-     higher rates fail with either trust region (60 steps: lr 1e-4 0.44 ID; lr 3e-4 collapses to
-     0.04; lr 2e-4 with 64 x 4 to 0.11).
+     higher rates did worse (DPPO, 60 steps: lr 1e-4 0.44 ID, the clip baseline 0.47; lr 3e-4
+     collapses to 0.04, lr 2e-4 with 64 x 4 to 0.11).
 """
 
 import time
