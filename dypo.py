@@ -13,7 +13,7 @@ Objective (the paper's Eq. 4), one loss and one optimizer step:
   L_GRPO(q) = the clipped surrogate with group-normalised advantages (R - mean) / (std + 1e-6)
 
 Run:
-  python dypo.py                                       # tiny world, CPU, about 2 minutes
+  python dypo.py                                       # tiny world, CPU, under a minute
   python dypo.py --model Qwen/Qwen2.5-Math-1.5B --data train.jsonl --eval-data test.jsonl \\
       --ood-data ood.jsonl --max-new-tokens 1024 --gpus 1
   python dypo.py --gpus 8 ...                          # or: torchrun --nproc-per-node 8 dypo.py ...
@@ -272,7 +272,7 @@ def main():
                        "rollout/reward_mean": totals["reward"] / d.world,
                        "rollout/response_length": totals["length"] / d.world,
                        "sft/nll": totals["nll"] / max(totals["hard_trained"], 1), "grpo/loss": totals["grpo"] / n_mid,
-                       "grpo/clipfrac": totals["clipfrac"] / n_mid, "gal/loss": totals["gal"] / max(totals["pairs"], 1),
+                       "policy/clipfrac": totals["clipfrac"] / n_mid, "gal/loss": totals["gal"] / max(totals["pairs"], 1),
                        "gal/pairs": totals["pairs"], "data/hard_without_teacher": no_teacher_total,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "sys/peak_mem_gb": peak_mem_gb(d.device)})

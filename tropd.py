@@ -13,7 +13,7 @@ maximised with the importance-sampled REINFORCE loss of opd.py for the student's
 direct gradient of the last term for the teacher's prefix tokens.
 
 Run:
-  python tropd.py                                     # tiny world (world/teacher_large), CPU, about 2 minutes
+  python tropd.py                                     # tiny world (world/teacher_large), CPU, about a minute
   python tropd.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B --data prompts.jsonl \
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --lr 5e-6 --offload-teacher
   python tropd.py --gpus 8 ...                        # or: torchrun --nproc-per-node 8 tropd.py ...
