@@ -50,7 +50,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
                     clip_grad, decode_responses, evaluate, free_memory, init_distributed, load_model,
