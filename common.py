@@ -147,20 +147,21 @@ def _spawn(n):
     sys.exit(code or max(p.returncode for p in procs))
 
 
-def all_sum(x, d):
-    """Sum a float or tensor over processes (identity on one process). Returns a float tensor."""
+def _all_reduce(x, d, op):
     t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
     if d.world > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t
+
+
+def all_sum(x, d):
+    """Sum a float or tensor over processes (identity on one process). Returns a float tensor."""
+    return _all_reduce(x, d, dist.ReduceOp.SUM)
 
 
 def all_max(x, d):
     """Maximum of a float or tensor over processes (identity on one process). Returns a float tensor."""
-    t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
-    if d.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(x, d, dist.ReduceOp.MAX)
 
 
 def rank_slice(items, d):
@@ -242,35 +243,31 @@ class LogprobModel(nn.Module):
                     None if flat_g is None else flat_g[i:i + rows], topk, entropy)
             chunks.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
                           else _head_logprobs(*args))
-        logp = torch.cat([c[0] for c in chunks]).view_as(targets)
-        if gather is None and not topk and not entropy:
-            return logp
-        names = (["gather_logp"] if gather is not None else []) + (["topk_ids", "topk_logp"] if topk else []) \
-            + (["entropy"] if entropy else [])
-        out = {"logp": logp}
-        for j, name in enumerate(names, 1):
-            x = torch.cat([c[j] for c in chunks])         # (N, ...)
+        out = {}
+        for name in chunks[0]:
+            x = torch.cat([c[name] for c in chunks])      # (N, ...)
             out[name] = x.view(*targets.shape, *x.shape[1:])
-        return out
+        return out if len(out) > 1 else out["logp"]
 
 
 def _head_logprobs(h, weight, bias, targets, gather=None, topk=0, entropy=False):
-    """(N, H) hidden states -> (N,) log-softmax of the head's logits at `targets`, in fp32, followed
-    (when asked for) by detached extras: log-probs at `gather` (N, K), top-k ids and log-probs
-    (N, k), entropy (N,)."""
+    """(N, H) hidden states -> {"logp": (N,) log-softmax of the head's logits at `targets`, in fp32},
+    plus (when asked for) detached extras: "gather_logp" (N, K) at `gather`, "topk_ids" and
+    "topk_logp" (N, k), "entropy" (N,)."""
     logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
     lse = logits.logsumexp(-1)                                   # (N,)
-    out = [logits.gather(-1, targets[:, None]).squeeze(-1) - lse]
+    out = {"logp": logits.gather(-1, targets[:, None]).squeeze(-1) - lse}
+    if gather is None and not topk and not entropy:
+        return out
     with torch.no_grad():
-        logp = logits.detach() - lse.detach()[:, None] if (gather is not None or topk or entropy) else None
+        logp = logits.detach() - lse.detach()[:, None]          # (N, V)
         if gather is not None:
-            out.append(logp.gather(-1, gather))
+            out["gather_logp"] = logp.gather(-1, gather)
         if topk:
-            values, ids = logp.topk(topk, -1)
-            out += [ids, values]
+            out["topk_logp"], out["topk_ids"] = logp.topk(topk, -1)
         if entropy:
-            out.append(-(logp.exp() * logp).sum(-1))
-    return tuple(out)
+            out["entropy"] = -(logp.exp() * logp).sum(-1)
+    return out
 
 
 def autocast(device):
@@ -440,6 +437,11 @@ def pad_batch(prompts, responses, pad_id, device):
 def logprobs(model, batch):
     """(B, R) per-token log-probs of the batch's response tokens under `model` (zero on padding)."""
     return model(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
+
+
+def select_rows(batch, rows):
+    """Some rows (a slice or index list) of a batch dict; the prompt width stays as it is."""
+    return {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def batches(n_items, batch_size, steps, seed):

@@ -58,7 +58,7 @@ import torch
 
 from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
                     decode_responses, evaluate, init_distributed, load_model, load_tokenizer, micro_batches,
-                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, reward, run, sample,
+                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, reward, run, sample,
                     save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
 RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
@@ -187,11 +187,6 @@ def clip_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n_t
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
-def select(batch, rows):
-    """Some rows of a rollout batch, with the same prompt width."""
-    return {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 # ----------------------------------------------------------------------------- training
 
 def main():
@@ -246,7 +241,7 @@ def main():
                 n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
                 losses = torch.zeros(1, dtype=torch.float64)
                 for mb in micro_batches(minibatch, args.micro_batch_size):
-                    b = select(rollout, mb)
+                    b = select_rows(rollout, mb)
                     out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True,
                                 gather=b["topk_ids"] if topk else None)
                     m, adv = b["response_mask"], advantages[mb]

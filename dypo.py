@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
                     evaluate, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
-                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, reward, run,
+                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids, reward, run,
                     sample, save_checkpoint, seed_everything, shard_model, UserError, warmup_schedule)
 
 
@@ -242,8 +242,7 @@ def main():
             logp, mask = logprobs(model, batch), batch["response_mask"]              # (rows, R)
             rollout_logp = F.pad(rollout["logprobs"][rollout_rows], (0, R - rollout["logprobs"].shape[1]))  # (n, R)
             with torch.no_grad():  # pi_ref of GAL scores the Mid responses
-                ref_logps = logprobs(reference, {key: v[:n] if torch.is_tensor(v) else v for key, v in batch.items()}) \
-                    if n else logp.new_zeros(0, R)
+                ref_logps = logprobs(reference, select_rows(batch, slice(0, n))) if n else logp.new_zeros(0, R)
             shape = (len(mids), k, R)
             loss, parts = dypo_loss(logp[:n].view(shape), rollout_logp.view(shape), mask[:n].view(shape),
                                     ref_logps.sum(-1).view(len(mids), k), rewards[mids], logp[n:n + len(hards)],

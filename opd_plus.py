@@ -57,7 +57,7 @@ import torch
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
                     clip_grad, decode_responses, evaluate, free_memory, init_distributed, load_model,
-                    load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule,
                     UserError)
 
@@ -142,18 +142,13 @@ def opd_loss(logp, rollout_logp, advantages, mask):
 
 # ----------------------------------------------------------------------------- training
 
-def rows_of(batch, rows):
-    """The rows `rows` (a slice) of a rollout batch."""
-    return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def teacher_logprobs(teacher, rollout, micro_batch_size, d, offload):
     """(B, R) log pi_T of the sampled response tokens (zero on padding), micro-batch by micro-batch."""
     if offload:
         teacher.to(d.device)
     B = rollout["input_ids"].shape[0]
-    out = torch.cat([logprobs(teacher, rows_of(rollout, slice(i, i + micro_batch_size))).float()
+    out = torch.cat([logprobs(teacher, select_rows(rollout, slice(i, i + micro_batch_size))).float()
                      for i in range(0, B, micro_batch_size)])
     if offload:
         free_memory(teacher)
@@ -199,7 +194,7 @@ def main():
         n_tokens = all_sum(mask.sum(), d).item() / d.world
         loss_sum = 0.0
         for i in range(0, len(mine), args.micro_batch_size):
-            mb = rows_of(rollout, slice(i, i + args.micro_batch_size))
+            mb = select_rows(rollout, slice(i, i + args.micro_batch_size))
             loss = opd_loss(logprobs(model, mb), mb["logprobs"], advantages[i:i + args.micro_batch_size],
                             mb["response_mask"]) * mb["response_mask"].sum() / n_tokens
             loss.backward()

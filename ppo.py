@@ -55,7 +55,7 @@ from torch import nn
 
 from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_divisible, check_finite,
                     clip_grad, decode_responses, evaluate, init_distributed, load_model, load_tokenizer,
-                    logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
 
@@ -200,11 +200,6 @@ def critic_values(critic, batch):
     return critic(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
 
 
-def select(batch, rows):
-    """Some rows of a rollout batch, with the same prompt width."""
-    return {k: v[rows] if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 # ----------------------------------------------------------------------------- training
 
 def main():
@@ -246,8 +241,8 @@ def main():
         ref_logprobs, old_values = [], []
         with torch.no_grad():
             for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
-                ref_logprobs.append(logprobs(reference, select(rollout, mb)))
-                old_values.append(critic_values(critic, select(rollout, mb)))
+                ref_logprobs.append(logprobs(reference, select_rows(rollout, mb)))
+                old_values.append(critic_values(critic, select_rows(rollout, mb)))
         ref_logprobs, old_values = torch.cat(ref_logprobs), torch.cat(old_values)
         advantages, returns = gae(token_rewards(scores, old_logprobs, ref_logprobs, mask, args.kl_coef),
                                   old_values, mask, args.gamma, args.lam)
@@ -263,7 +258,7 @@ def main():
                 n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
                 losses = torch.zeros(2, dtype=torch.float64)
                 for mb in micro_batches(minibatch, args.micro_batch_size):
-                    b = select(rollout, mb)
+                    b = select_rows(rollout, mb)
                     out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True)
                     new_values = critic_values(critic, b)
                     m, adv = b["response_mask"], advantages[mb]

@@ -53,7 +53,7 @@ import torch
 
 from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
                     clip_grad, decode_responses, evaluate, free_memory, init_distributed, load_model,
-                    load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model, UserError,
                     warmup_schedule)
 
@@ -164,11 +164,6 @@ def tropd_loss(logp, rollout_logp, advantages, policy_mask, prefix_mask, beta):
 
 # ----------------------------------------------------------------------------- training
 
-def rows_of(batch, rows):
-    """The rows `rows` (a slice) of a rollout batch."""
-    return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def teacher_logprobs(teacher, batch, micro_batch_size, d, offload, top_k):
     """log pi_T of the batch's response tokens (B, R), and the teacher's top-k ids and log-probs
@@ -176,9 +171,10 @@ def teacher_logprobs(teacher, batch, micro_batch_size, d, offload, top_k):
     if offload:
         teacher.to(d.device)
     B = batch["input_ids"].shape[0]
-    parts = [teacher(**{k: v for k, v in rows_of(batch, slice(i, i + micro_batch_size)).items()
-                        if k in ("input_ids", "attention_mask", "prompt_width")}, topk=top_k)
-             for i in range(0, B, micro_batch_size)]
+    parts = []
+    for i in range(0, B, micro_batch_size):
+        mb = select_rows(batch, slice(i, i + micro_batch_size))
+        parts.append(teacher(mb["input_ids"], mb["attention_mask"], mb["prompt_width"], topk=top_k))
     if offload:
         free_memory(teacher)
     return {k: torch.cat([p[k] for p in parts]) for k in ("logp", "topk_ids", "topk_logp")}
@@ -274,7 +270,7 @@ def main():
         sums = torch.zeros(2, dtype=torch.float64)  # loss, outlier advantage sum
         for i in range(0, B, args.micro_batch_size):
             part = slice(i, i + args.micro_batch_size)
-            mb = rows_of(batch, part)
+            mb = select_rows(batch, part)
             student = model(mb["input_ids"], mb["attention_mask"], mb["prompt_width"], gather=scores["topk_ids"][part])
             outlier = topk_forward_kl(scores["topk_logp"][part], student["gather_logp"]) \
                 if args.outlier == "fkl" else None
