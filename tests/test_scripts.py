@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WORLD = ROOT / "world"
 
 
-def run(script, *args, timeout=600):
-    """Run a script as a user would; returns the CompletedProcess (stdout/stderr as text)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run(script, *args, timeout=600, env=None):
+    """Run a script as a user would (with `env` added to the environment); returns the
+    CompletedProcess (stdout/stderr as text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("RANK", None)
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
