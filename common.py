@@ -124,6 +124,9 @@ def parse_args(cls, argv=None):
             extra = f" (allowed: {allowed[f.name]})" if f.name in allowed else ""
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=docs.get(f.name, "") + extra)
     args = cls(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(cls):
+        if type(getattr(args, f.name)) is not type(f.default):  # argparse turns `--steps=--` into []
+            raise UserError(f"--{f.name.replace('_', '-')} needs a value, got {getattr(args, f.name)!r}")
     for name, spec in allowed.items():
         value = getattr(args, name)
         if not in_range(value, spec):
@@ -136,7 +139,10 @@ def _existing(value, flag):
     """(Path, whether it exists); a name the system cannot use (too long, ...) is the user's error."""
     path = Path(value)
     try:
-        return path, path.exists()
+        path.stat()
+        return path, True
+    except (FileNotFoundError, NotADirectoryError):
+        return path, False
     except (OSError, ValueError) as e:
         raise UserError(f"--{flag} '{value}' is not a usable path ({e})") from None
 
@@ -190,7 +196,8 @@ def run(main):
         main()
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, even under a progress bar
+            # on its own line, even under a progress bar; one line, whatever the input quoted in it holds
+            tqdm.write("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -727,7 +734,10 @@ def _warn_once(message):
 def drop_long_prompts(rows, tokenizer, path, limit, why):
     """The records whose prompt encodes to 1..limit tokens (limit None: any length), and their
     prompt ids. The count dropped is printed once; none left is an error."""
-    ids = _many_ids(tokenizer, [r["prompt"] for r in rows], prompt_ids)
+    try:
+        ids = _many_ids(tokenizer, [r["prompt"] for r in rows], prompt_ids)
+    except UserError as e:  # (no chat template, or the template refused a prompt)
+        raise UserError(f"{path}: {e}") from None
     kept = [(r, x) for r, x in zip(rows, ids) if x and (limit is None or len(x) <= limit)]
     empty = sum(not x for x in ids)
     long = len(rows) - len(kept) - empty
@@ -783,7 +793,7 @@ def fit_context(rows, tokenizer, args, cut=(), reserve=0):
                 holder[key] = tuple(ids[:room_left])
                 n_cut += 1
         if n_cut:
-            _warn_once(f"{n_cut} responses of {args.data} are cut from the right to fit the model's context of "
+            _warn_once(f"{n_cut} response(s) of {args.data} are cut from the right to fit the model's context of "
                        f"{context} tokens")
     return rows
 

@@ -124,6 +124,8 @@ def route(rewards):
 
 def grpo_advantages(rewards):
     """(P, k) rewards -> (P, k) advantages (R - mean) / (std + 1e-6) within each group."""
+    if not len(rewards):  # no group (a micro-batch without Mid prompts): torch's std() would warn
+        return rewards
     return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-6)
 
 
