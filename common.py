@@ -96,7 +96,7 @@ def in_range(value, spec):
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
-def ranges(cls):
+def flag_ranges(cls):
     """Field name -> allowed range, for every numeric field of the Args dataclass `cls`."""
     table = {**RANGES, **getattr(cls, "ranges", {})}
     return {f.name: table[f.name] for f in dataclasses.fields(cls) if type(f.default) in (int, float)}
@@ -110,10 +110,10 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(cls, argv=None):
     """Build an argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as
     `--flag/--no-flag`, help text from the docstring under each field. Then check, before anything
-    is loaded: every numeric value against its range (`ranges`), and the paths (`check_paths`)."""
+    is loaded: every numeric value against its range (`flag_ranges`), and the paths (`check_paths`)."""
     parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, allowed = _field_docs(cls), ranges(cls)
+    docs, allowed = _field_docs(cls), flag_ranges(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
@@ -699,12 +699,12 @@ def response_ids(tokenizer, response):
     return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def _many_ids(tokenizer, values, encode):
-    """[encode(tokenizer, v) for v in values], with the plain strings in one batched tokenizer call."""
+def _many_ids(tokenizer, values, prompts):
+    """prompt_ids (prompts=True) or response_ids of each value, the plain strings in one batched call."""
+    encode = prompt_ids if prompts else response_ids
     out = [None if isinstance(v, str) else encode(tokenizer, v) for v in values]
     strings = [i for i, v in enumerate(values) if isinstance(v, str)]
     if strings:
-        prompts = encode is prompt_ids
         ids = tokenizer([values[i] for i in strings], add_special_tokens=prompts).input_ids
         for i, x in zip(strings, ids):
             out[i] = x if prompts else x + [tokenizer.eos_token_id]
@@ -735,7 +735,7 @@ def drop_long_prompts(rows, tokenizer, path, limit, why):
     """The records whose prompt encodes to 1..limit tokens (limit None: any length), and their
     prompt ids. The count dropped is printed once; none left is an error."""
     try:
-        ids = _many_ids(tokenizer, [r["prompt"] for r in rows], prompt_ids)
+        ids = _many_ids(tokenizer, [r["prompt"] for r in rows], prompts=True)
     except UserError as e:  # (no chat template, or the template refused a prompt)
         raise UserError(f"{path}: {e}") from None
     kept = [(r, x) for r, x in zip(rows, ids) if x and (limit is None or len(x) <= limit)]
@@ -788,7 +788,7 @@ def fit_context(rows, tokenizer, args, cut=(), reserve=0):
                  for holder, key in ([(r[k], j) for j in range(len(r[k]))] if k in RESPONSE_LISTS else [(r, k)])]
         n_cut = 0
         for (room_left, holder, key), ids in zip(slots, _many_ids(tokenizer, [h[key] for _, h, key in slots],
-                                                                   response_ids)):
+                                                                   prompts=False)):
             if len(ids) > room_left:
                 holder[key] = tuple(ids[:room_left])
                 n_cut += 1

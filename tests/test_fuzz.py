@@ -90,7 +90,7 @@ def flag_cases(seed=0):
     rng = random.Random(seed)
     cases = []
     for script, cls in ARGS.items():
-        spec = common.ranges(cls)
+        spec = common.flag_ranges(cls)
         for f in numeric_fields(cls):
             kind = type(f.default)
             cases += [(script, f.name, repr(v) if kind is float else str(v), inside)
@@ -120,7 +120,7 @@ def test_flag_fuzz(tmp_path):
             refused += 1
         else:
             assert inside is not False, (script, name, value)
-            assert common.in_range(getattr(args, name), common.ranges(ARGS[script])[name])
+            assert common.in_range(getattr(args, name), common.flag_ranges(ARGS[script])[name])
         assert not out.exists()
     assert refused > len(FLAG_CASES) / 3
 
