@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
