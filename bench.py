@@ -92,6 +92,8 @@ LOGPROB_VOCAB = 151936
 
 @dataclass
 class Args:
+    ranges = {"batch_size": ">= 0", "prompt_len": ">= 0", "response_len": ">= 0",  # 0: the device's default
+              "warmup": ">= 0", "repeats": ">= 1", "peak_tflops": "> 0"}  # (flags common.RANGES does not know)
     model: str = ""
     """`tiny` (world/student), `qwen2-0.5b` (that shape, random weights) or a model folder; default:
     tiny on CPU, qwen2-0.5b on GPU"""
@@ -637,8 +639,6 @@ def main():
         raise UserError(f"unknown method '{unknown[0]}' (known: {', '.join(METHODS)})")
     if args.batch_size % args.group_size or args.batch_size % 2:
         raise UserError(f"--batch-size {args.batch_size} must be even and divide by --group-size {args.group_size}")
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError("--repeats must be at least 1 and --warmup at least 0")
     try:
         token_counts = [int(x) for x in args.logprob_tokens.split(",") if x]
     except ValueError:

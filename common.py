@@ -16,11 +16,13 @@ Sequence layout used everywhere: a batch row is [left-padded prompt | right-padd
 every response starts at column P (`prompt_width`). Response tensors are (B, R) with R = T - P.
 """
 
+import argparse
 import ast
 import dataclasses
 import inspect
 import json
 import math
+import operator
 import os
 import re
 import resource
@@ -56,13 +58,62 @@ def _field_docs(cls):
     return docs
 
 
+# The allowed values of every numeric flag, by field name: most flags mean the same in every
+# script. An Args class overrides an entry where its own meaning differs (a class attribute
+# `ranges`, e.g. group_size >= 2 where a group's responses are compared). Every value must also
+# be finite (argparse's float() accepts "nan" and "inf").
+RANGES = {
+    # length of the run
+    "steps": ">= 1", "epochs": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0", "guide_steps": ">= 0",
+    # batches
+    "batch_size": ">= 1", "micro_batch_size": ">= 1", "prompts_per_step": ">= 1", "group_size": ">= 1",
+    "minibatches": ">= 1",
+    # lengths, in tokens
+    "max_new_tokens": ">= 1", "max_prompt_length": ">= 0", "topk": ">= 1", "top_k": ">= 1",
+    # optimisation
+    "lr": "> 0", "critic_lr": "> 0", "weight_decay": ">= 0", "max_grad_norm": "> 0",
+    # sampling and the losses' coefficients
+    "temperature": "> 0", "beta": "> 0", "beta_gal": "> 0", "kl_coef": ">= 0", "alpha": "[0, 1]",
+    "sft_weight": ">= 0", "prefix_beta": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
+    # clips and trust regions
+    "clip_eps": ">= 0", "clip_low": "[0, 1]", "clip_high": ">= 0", "value_clip": ">= 0", "delta": ">= 0",
+    "log_u_clip": "> 0", "clip_tau": "<= 0",
+    # processes and seeds
+    "gpus": ">= 1", "seed": "[0, 4294967295]",
+}
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def in_range(value, spec):
+    """Whether a number is finite and within `spec`: ">= 1", "> 0", "<= 0", "[0, 1]", "(0, 1]", ..."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    op, _, bound = spec.partition(" ")
+    if op in _COMPARE:
+        return _COMPARE[op](value, float(bound))
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def flag_ranges(cls):
+    """Field name -> allowed range, for every numeric field of the Args dataclass `cls`."""
+    table = {**RANGES, **getattr(cls, "ranges", {})}
+    return {f.name: table[f.name] for f in dataclasses.fields(cls) if type(f.default) in (int, float)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage and exit 2: one line and exit 1, as all bad input
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(cls, argv=None):
     """Build an argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as
-    `--flag/--no-flag`, help text from the docstring under each field."""
-    import argparse
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = _field_docs(cls)
+    `--flag/--no-flag`, help text from the docstring under each field. Then check, before anything
+    is loaded: every numeric value against its range (`flag_ranges`), and the paths (`check_paths`)."""
+    parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, allowed = _field_docs(cls), flag_ranges(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
@@ -70,8 +121,67 @@ def parse_args(cls, argv=None):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=f.default, help=docs.get(f.name, ""))
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=docs.get(f.name, ""))
-    return cls(**vars(parser.parse_args(argv)))
+            extra = f" (allowed: {allowed[f.name]})" if f.name in allowed else ""
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=docs.get(f.name, "") + extra)
+    args = cls(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(cls):
+        if type(getattr(args, f.name)) is not type(f.default):  # argparse turns `--steps=--` into []
+            raise UserError(f"--{f.name.replace('_', '-')} needs a value, got {getattr(args, f.name)!r}")
+    for name, spec in allowed.items():
+        value = getattr(args, name)
+        if not in_range(value, spec):
+            raise UserError(f"--{name.replace('_', '-')} must be {'in ' * (spec[0] in '[(')}{spec}, got {value}")
+    check_paths(args)
+    return args
+
+
+def _existing(value, flag):
+    """(Path, whether it exists); a name the system cannot use (too long, ...) is the user's error."""
+    path = Path(value)
+    try:
+        path.stat()
+        return path, True
+    except (FileNotFoundError, NotADirectoryError):
+        return path, False
+    except (OSError, ValueError) as e:
+        raise UserError(f"--{flag} '{value}' is not a usable path ({e})") from None
+
+
+def check_paths(args):
+    """The paths an Args names, by field name, checked before any model is loaded (and before
+    anything is written): the JSONL files exist and are readable, and the test splits are read
+    (so a bad record stops the run here, not after training); --model and --teacher are not
+    files, and a --teacher folder holds weights; --out is a folder or can be created."""
+    names = {f.name for f in dataclasses.fields(args)}
+    for name in ("data", "eval_data", "ood_data"):
+        if name in names:
+            flag = name.replace("_", "-")
+            path, exists = _existing(getattr(args, name), flag)
+            if not exists:
+                raise UserError(f"data file '{path}' (--{flag}) does not exist")
+            if not path.is_file():
+                raise UserError(f"--{flag} '{path}' is a folder, not a JSONL file")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"--{flag} '{path}' cannot be read (permission denied)")
+            if name != "data":
+                read_jsonl(path, EVAL_FIELDS)
+    for name in ("model", "teacher"):
+        if name in names:
+            path, exists = _existing(getattr(args, name), name)
+            if exists and not path.is_dir():
+                raise UserError(f"--{name} '{path}' is a file; give the model's folder (or a Hugging Face hub id)")
+            if name == "teacher" and exists and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+                raise UserError(f"--teacher '{path}' holds no weights (*.safetensors or *.bin): a teacher must be "
+                                f"a trained model")
+    if "out" in names:
+        out, exists = _existing(args.out, "out")
+        if exists and not out.is_dir():
+            raise UserError(f"--out '{out}' is a file; give a folder for the run")
+        first = next(p for p in (out, *out.parents) if p.exists())  # the folder the run's folders go into
+        if not first.is_dir():
+            raise UserError(f"--out '{out}' cannot be created: '{first}' is a file")
+        if not os.access(first, os.W_OK | os.X_OK):
+            raise UserError(f"--out '{out}' cannot be created or written: no write permission in '{first}'")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -86,7 +196,8 @@ def run(main):
         main()
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            tqdm.write(f"error: {e}", file=sys.stderr)  # on its own line, even under a progress bar
+            # on its own line, even under a progress bar; one line, whatever the input quoted in it holds
+            tqdm.write("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -477,28 +588,88 @@ def peak_mem_gb(device):
 
 # ----------------------------------------------------------------------------- data
 
-def read_jsonl(path, fields):
-    """Read a JSONL file whose records all have `fields` (TRL names: prompt, chosen, rejected,
-    completion, answer, ...). Malformed lines and missing fields are reported with file and line."""
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape half a UTF-16 pair, which no tokenizer takes
+
+
+def _is_text(v):
+    return isinstance(v, str) and not _SURROGATE.search(v)
+
+
+def _is_messages(v):
+    return isinstance(v, list) and all(isinstance(m, dict) and _is_text(m.get("role")) and _is_text(m.get("content"))
+                                       for m in v)
+
+
+def _is_response(v):
+    return _is_text(v) or _is_messages(v)
+
+
+def _is_answer(v):
+    if isinstance(v, bool):  # (a bool is an int to Python)
+        return False
+    return _is_text(v) and bool(v.strip()) or isinstance(v, int) or isinstance(v, float) and math.isfinite(v)
+
+
+_RESPONSE = "a string or a list of {role, content} messages"
+
+# The type of each record field a script may read (TRL's names): what it must be, and its check.
+FIELDS = {
+    "prompt": ("a non-empty string or a non-empty list of {role, content} messages",
+               lambda v: _is_response(v) and len(v) > 0),
+    "completion": (_RESPONSE, _is_response),
+    "chosen": (_RESPONSE, _is_response),
+    "rejected": (_RESPONSE, _is_response),
+    "answer": ("a non-empty string or a finite number", _is_answer),
+    "teacher_responses": (f"a list of responses, each {_RESPONSE}",
+                          lambda v: isinstance(v, list) and all(map(_is_response, v))),
+}
+RESPONSE_LISTS = ("teacher_responses",)  # the fields that hold a list of responses
+EVAL_FIELDS = ("prompt", "answer")        # what a test split's records hold
+
+
+def _show(value, width=60):
+    """A field's value as JSON, shortened, for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def read_jsonl(path, fields, optional=()):
+    """Read a JSONL file whose records all have `fields` and may have `optional` ones (TRL names:
+    prompt, chosen, rejected, completion, answer, teacher_responses). Each of these fields is
+    checked against its type in FIELDS; other fields are ignored. Unreadable or malformed lines,
+    missing fields and mistyped values are reported with the file, the line and the field."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file '{path}' does not exist")
     rows = []
-    with p.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {i} is not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {i} is not a JSON object")
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise UserError(f"{path} line {i} has no field '{missing[0]}' (it has: {', '.join(row) or 'nothing'}; "
-                                f"this script reads: {', '.join(fields)})")
-            rows.append(row)
+    try:
+        with p.open("rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig")  # (-sig: a byte-order mark some editors write is not an error)
+                except UnicodeDecodeError:
+                    raise UserError(f"{path} line {i} is not UTF-8 text") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {i} is not valid JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting too deep
+                    raise UserError(f"{path} line {i} cannot be read as JSON ({type(e).__name__})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path} line {i} is not a JSON object")
+                missing = [k for k in fields if k not in row]
+                if missing:
+                    raise UserError(f"{path} line {i} has no field '{missing[0]}' (it has: "
+                                    f"{', '.join(row) or 'nothing'}; this script reads: {', '.join(fields)})")
+                for k in (*fields, *(k for k in optional if k in row)):
+                    what, ok = FIELDS[k]
+                    if not ok(row[k]):
+                        raise UserError(f"{path} line {i}: '{k}' must be {what}, got {_show(row[k])}")
+                rows.append(row)
+    except OSError as e:
+        raise UserError(f"cannot read data file '{path}' ({e.strerror or e})") from None
     if not rows:
         raise UserError(f"data file '{path}' has no records")
     return rows
@@ -510,16 +681,121 @@ def prompt_ids(tokenizer, prompt):
     if isinstance(prompt, list):
         if not tokenizer.chat_template:
             raise UserError("a prompt is a list of chat messages but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # templates raise their own errors (roles out of order, ...), of any type
+            raise UserError(f"the tokenizer's chat template refused a prompt ({type(e).__name__}: {e})") from None
         return tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer(prompt).input_ids
 
 
 def response_ids(tokenizer, response):
-    """Token ids of a response (a string, or chat messages whose contents are joined), ending in EOS."""
+    """Token ids of a response (a string, or chat messages whose contents are joined), ending in EOS;
+    a response fit_context cut to the model's context is already ids (a tuple), without EOS."""
+    if isinstance(response, tuple):
+        return list(response)
     if isinstance(response, list):
         response = "".join(m["content"] for m in response)
     return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+def _many_ids(tokenizer, values, prompts):
+    """prompt_ids (prompts=True) or response_ids of each value, the plain strings in one batched call."""
+    encode = prompt_ids if prompts else response_ids
+    out = [None if isinstance(v, str) else encode(tokenizer, v) for v in values]
+    strings = [i for i, v in enumerate(values) if isinstance(v, str)]
+    if strings:
+        ids = tokenizer([values[i] for i in strings], add_special_tokens=prompts).input_ids
+        for i, x in zip(strings, ids):
+            out[i] = x if prompts else x + [tokenizer.eos_token_id]
+    return out
+
+
+# Where a model's config gives its context length, by family: Llama, Qwen, Mistral, ...; GPT-2,
+# GPT-J; ChatGLM, Qwen (v1); MPT; ...
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len", "max_sequence_length", "n_ctx")
+
+
+def context_length(config):
+    """The longest sequence (prompt and response) a model takes, from its config; None if it does not say."""
+    c = config.get_text_config()
+    return next((v for v in (getattr(c, k, None) for k in _CONTEXT_KEYS) if isinstance(v, int) and v > 0), None)
+
+
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned and int(os.environ.get("RANK", 0)) == 0:
+        _warned.add(message)
+        tqdm.write(f"warning: {message}")
+
+
+def drop_long_prompts(rows, tokenizer, path, limit, why):
+    """The records whose prompt encodes to 1..limit tokens (limit None: any length), and their
+    prompt ids. The count dropped is printed once; none left is an error."""
+    try:
+        ids = _many_ids(tokenizer, [r["prompt"] for r in rows], prompts=True)
+    except UserError as e:  # (no chat template, or the template refused a prompt)
+        raise UserError(f"{path}: {e}") from None
+    kept = [(r, x) for r, x in zip(rows, ids) if x and (limit is None or len(x) <= limit)]
+    empty = sum(not x for x in ids)
+    long = len(rows) - len(kept) - empty
+    if not kept:
+        raise UserError(f"no prompt of {path} fits: all {len(rows)} are longer than {limit} tokens ({why})"
+                        if long else f"every prompt of {path} encodes to no tokens")
+    if long:
+        _warn_once(f"{long} of the {len(rows)} prompts of {path} are dropped: longer than {limit} tokens ({why})")
+    if empty:
+        _warn_once(f"{empty} of the {len(rows)} prompts of {path} are dropped: they encode to no tokens")
+    return [r for r, _ in kept], [x for _, x in kept]
+
+
+def _config_context(path):
+    """context_length() of the model at `path` (None when its config cannot be read here: load_model says why)."""
+    if path is None:
+        return None
+    from transformers import AutoConfig
+    try:
+        return context_length(AutoConfig.from_pretrained(str(path)))
+    except (OSError, ValueError):
+        return None
+
+
+def fit_context(rows, tokenizer, args, cut=(), reserve=0):
+    """Fit the training records of --data to the context of the model (and of the teacher, where
+    there is one), at load, before any model is loaded: a record whose prompt leaves no room for
+    --max-new-tokens + `reserve` tokens, or is longer than --max-prompt-length, is dropped; each
+    response of the `cut` fields that does not fit after its prompt (and `reserve` tokens) is
+    cut from the right, and kept as token ids (for response_ids), without EOS. Counts are printed
+    once. Returns the records kept."""
+    contexts = [n for n in map(_config_context, (args.model, getattr(args, "teacher", None))) if n]
+    context = min(contexts, default=None)
+    room = args.max_new_tokens + reserve
+    limits = []  # (the longest prompt kept, why)
+    if args.max_prompt_length:
+        limits.append((args.max_prompt_length, f"--max-prompt-length {args.max_prompt_length}"))
+    if context:
+        if context <= room:
+            raise UserError(f"the model's context of {context} tokens leaves no room for a prompt before "
+                            f"{room} tokens of response (--max-new-tokens {args.max_new_tokens})")
+        limits.append((context - room, f"the model's context of {context} tokens less {room} for the response"))
+    limit, why = min(limits, default=(None, ""))
+    rows, prompts = drop_long_prompts(rows, tokenizer, args.data, limit, why)
+    if context and cut:
+        # (room left after the prompt, where the response is held, its key there) for each response
+        slots = [(context - len(x) - reserve, holder, key) for r, x in zip(rows, prompts) for k in cut if k in r
+                 for holder, key in ([(r[k], j) for j in range(len(r[k]))] if k in RESPONSE_LISTS else [(r, k)])]
+        n_cut = 0
+        for (room_left, holder, key), ids in zip(slots, _many_ids(tokenizer, [h[key] for _, h, key in slots],
+                                                                   prompts=False)):
+            if len(ids) > room_left:
+                holder[key] = tuple(ids[:room_left])
+                n_cut += 1
+        if n_cut:
+            _warn_once(f"{n_cut} response(s) of {args.data} are cut from the right to fit the model's context of "
+                       f"{context} tokens")
+    return rows
 
 
 def pad_batch(prompts, responses, pad_id, device):
@@ -674,7 +950,10 @@ def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256):
     """Greedy decoding on a JSONL split of {prompt, answer}; each rank takes a share of the problems.
     Returns (accuracy, truncated): the share of responses right, and the share that hit
     max_new_tokens without EOS."""
-    rows = read_jsonl(path, ("prompt", "answer"))
+    rows = read_jsonl(path, EVAL_FIELDS)
+    context = context_length(model.lm.config)
+    rows, _ = drop_long_prompts(rows, tokenizer, path, context and context - max_new_tokens,
+                                f"the model's context of {context} tokens less --max-new-tokens {max_new_tokens}")
     share = math.ceil(len(rows) / d.world)
     mine = rows[d.rank * share:(d.rank + 1) * share]
     correct = truncated = 0.0

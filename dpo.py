@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, evaluate_splits,
-                    init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
-                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, run,
-                    save_checkpoint, seed_everything, shard_model, warmup_schedule)
+                    fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
+                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, run, save_checkpoint,
+                    seed_everything, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -68,6 +68,8 @@ class Args:
     """clip the global gradient norm to this"""
     max_new_tokens: int = 8
     """longest response generated at evaluation"""
+    max_prompt_length: int = 0
+    """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     seed: int = 1
     """seed of data order"""
     gpus: int = 1
@@ -110,7 +112,8 @@ def main():
     args.micro_batch_size = check_divisible(args.batch_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
-    rows = read_jsonl(args.data, ("prompt", "chosen", "rejected"))
+    rows = fit_context(read_jsonl(args.data, ("prompt", "chosen", "rejected")), tokenizer, args,
+                       cut=("chosen", "rejected"))
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)

@@ -57,15 +57,16 @@ from dataclasses import dataclass
 import torch
 
 from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
-                    decode_responses, evaluate_splits, init_distributed, load_model, load_tokenizer, micro_batches,
-                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, reward, run, sample,
-                    save_checkpoint, seed_everything, shard_model, warmup_schedule)
+                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
+                    micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, reward,
+                    run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
 RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
 
 
 @dataclass
 class Args:
+    ranges = {"group_size": ">= 2"}  # (common.RANGES where this file differs) advantages compare a group's responses
     model: str = str(WORLD / "student")
     """causal LM to train: a local folder or a Hugging Face hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -90,6 +91,8 @@ class Args:
     """sequences per forward/backward on one process"""
     max_new_tokens: int = 8
     """longest response sampled (and generated at evaluation)"""
+    max_prompt_length: int = 0
+    """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
     trust_region: str = "dppo"
@@ -205,7 +208,7 @@ def main():
     args.micro_batch_size = check_divisible(minibatch_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
-    rows = read_jsonl(args.data, ("prompt", "answer"))
+    rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)

@@ -55,13 +55,14 @@ import torch
 import torch.nn.functional as F
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
-                    evaluate_splits, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
-                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids, reward, run,
-                    sample, save_checkpoint, seed_everything, shard_model, UserError, warmup_schedule)
+                    evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
+                    pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids,
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
 
 @dataclass
 class Args:
+    ranges = {"group_size": ">= 2"}  # (common.RANGES where this file differs) routing compares k samples
     model: str = str(WORLD / "student")
     """causal LM to train (and the frozen reference of GAL): a local folder or a Hugging Face hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -82,6 +83,8 @@ class Args:
     """prompts per forward/backward on one process (their k responses, or one teacher trace each)"""
     max_new_tokens: int = 8
     """longest sampled response (and at evaluation)"""
+    max_prompt_length: int = 0
+    """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
     alpha: float = 0.5
@@ -121,6 +124,8 @@ def route(rewards):
 
 def grpo_advantages(rewards):
     """(P, k) rewards -> (P, k) advantages (R - mean) / (std + 1e-6) within each group."""
+    if not len(rewards):  # no group (a micro-batch without Mid prompts): torch's std() would warn
+        return rewards
     return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-6)
 
 
@@ -180,21 +185,14 @@ def teacher_trace(row, u):
     return traces[int(u * len(traces))] if traces else None
 
 
-def check_rows(rows, path):
-    for i, r in enumerate(rows, 1):
-        t = r.get("teacher_responses", [])
-        if not isinstance(t, list) or not all(isinstance(x, (str, list)) for x in t):
-            raise UserError(f"{path} record {i}: 'teacher_responses' must be a list of responses, got {t!r:.60}")
-
-
 def main():
     args = parse_args(Args)
     d = init_distributed(args.gpus)
     args.micro_batch_size = check_divisible(args.prompts_per_step, args.micro_batch_size, d, "prompts_per_step")
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
-    rows = read_jsonl(args.data, ("prompt", "answer"))
-    check_rows(rows, args.data)
+    rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
+                       args, cut=("teacher_responses",))
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     reference = load_model(args.model, d, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -257,9 +255,11 @@ def main():
         loss = totals["loss"] / d.world
         check_finite(loss, step, args.out)
         grad_norm = clip_grad(model, args.max_grad_norm)
-        if totals["trained"]:  # a step whose prompts were all Easy has no gradient: skip (AdamW would still move)
+        # a step that trained no prompt (all Easy, or Hard without a teacher trace) has no gradient: no update
+        # (AdamW would still move the weights), and the warm-up counts updates only
+        if totals["trained"]:
             optimizer.step()
-        scheduler.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if totals["no_teacher"] and not no_teacher_total:
             log.print(f"warning: step {step}: {int(totals['no_teacher'])} Hard prompt(s) have no teacher_responses "

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
-                    clip_grad, decode_responses, evaluate, evaluate_splits, free_memory, init_distributed, load_model,
+from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer, clip_grad,
+                    decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed, load_model,
                     load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
@@ -75,6 +75,8 @@ class Args:
     """sequences per forward/backward on one process (gradient accumulation fills the rest)"""
     max_new_tokens: int = 8
     """longest sampled response (and at evaluation)"""
+    max_prompt_length: int = 0
+    """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     lr: float = 1e-4
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
@@ -132,7 +134,7 @@ def main():
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
-    rows = read_jsonl(args.data, ("prompt", "answer"))
+    rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     teacher = load_model(args.teacher, d, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_divisible, check_finite,
-                    clip_grad, decode_responses, evaluate_splits, init_distributed, load_model, load_tokenizer,
+from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_divisible, check_finite, clip_grad,
+                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
                     logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
@@ -85,6 +85,8 @@ class Args:
     """sequences per forward/backward on one process"""
     max_new_tokens: int = 8
     """longest response sampled (and generated at evaluation)"""
+    max_prompt_length: int = 0
+    """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
     clip_eps: float = 0.2
@@ -214,7 +216,7 @@ def main():
     args.micro_batch_size = check_divisible(minibatch_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
-    rows = read_jsonl(args.data, ("prompt", "answer"))
+    rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     critic = shard_model(Critic(load_model(args.model, d).lm.get_decoder()), d, args.gradient_checkpointing)
     reference = load_model(args.model, d, trainable=False)

@@ -52,10 +52,10 @@ from dataclasses import dataclass
 import torch
 
 from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
-                    clip_grad, decode_responses, evaluate, evaluate_splits, free_memory, init_distributed, load_model,
-                    load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model, UserError,
-                    warmup_schedule)
+                    clip_grad, decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed,
+                    load_model, load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    select_rows, response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model,
+                    UserError, warmup_schedule)
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Args:
     """sequences per forward/backward on one process (gradient accumulation fills the rest)"""
     max_new_tokens: int = 8
     """longest sampled response (and at evaluation)"""
+    max_prompt_length: int = 0
+    """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     lr: float = 1e-4
     """peak learning rate of AdamW"""
     warmup_steps: int = 10
@@ -211,7 +213,9 @@ def main():
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
-    rows = read_jsonl(args.data, ("prompt", "answer"))
+    # the guided sample continues a teacher prefix (from the data, or sampled: up to max_new_tokens + EOS)
+    rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
+                       args, cut=("teacher_responses",), reserve=args.max_new_tokens + 1)
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     teacher = load_model(args.teacher, d, trainable=False)
     top_k = min(args.top_k, model.lm.get_output_embeddings().weight.shape[0])

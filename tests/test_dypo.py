@@ -195,7 +195,7 @@ def test_bad_teacher_responses_field(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2", "teacher_responses": ["2"]}\n'
                     '{"prompt": "1+2=", "answer": "3", "teacher_responses": "3"}\n')
-    one_line_error(run("dypo.py", "--data", data, "--out", tmp_path / "r"), "bad.jsonl", "record 2",
+    one_line_error(run("dypo.py", "--data", data, "--out", tmp_path / "r"), "bad.jsonl", "line 2",
                    "teacher_responses")
 
 

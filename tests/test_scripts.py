@@ -134,11 +134,14 @@ def test_batch_not_divisible_by_processes(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    """A learning rate of 1e30 (in range, if absurd) blows the weights up at step 1's update, so step
+    2's loss is NaN: the run stops there, before step 2's periodic checkpoint (--save-every 2), and
+    the checkpoint an earlier run left stays as it was, byte for byte."""
     out = tmp_path / "run"
     ok(run("dpo.py", "--steps", 1, "--batch-size", 8, "--micro-batch-size", 8, "--out", out))
     before = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
-    err = one_line_error(run("dpo.py", "--steps", 3, "--batch-size", 8, "--micro-batch-size", 8, "--save-every", 1, "--beta", "nan",
-                             "--out", out), "nan", "step 1")
+    err = one_line_error(run("dpo.py", "--steps", 3, "--batch-size", 8, "--micro-batch-size", 8, "--save-every", 2,
+                             "--lr=1e30", "--out", out), "nan", "step 2")
     assert str(out / "model") in err
     assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written checkpoint left
