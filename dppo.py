@@ -59,7 +59,7 @@ import torch
 from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
                     decode_responses, evaluate, init_distributed, load_model, load_tokenizer, micro_batches,
                     parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, reward, run, sample,
-                    save_checkpoint, seed_everything, shard_model, warmup_schedule)
+                    save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
 
@@ -119,7 +119,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many rollout steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many rollout steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -209,18 +213,20 @@ def main():
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
     kind = args.divergence.split("_")[1]
     delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
     topk = min(args.topk, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
 
-    acc_before = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_before = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    acc_before = ckpt.remember("acc_before", lambda: evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens))
+    ood_before = ckpt.remember("ood_before", lambda: evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens))
     log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
 
-    start = time.time()
-    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+    plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
+    start_step, start = ckpt.resume(log), time.time()
+    for step, indices in enumerate(plan[start_step:], start_step + 1):
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
@@ -288,8 +294,7 @@ def main():
                        "rollout/response_length": rollout_tokens / n_responses,
                        "train/grad_norm": grad_norm,
                        "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
