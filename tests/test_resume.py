@@ -2,11 +2,15 @@
 the weights of a run never interrupted, and metrics.jsonl lists each step once; bad resumes fail
 with one line."""
 
+import importlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from safetensors.torch import load_file
 import common
 from test_scripts import ROOT, metrics, ok, one_line_error, run, summary
 
-STEPS = 5
+STEPS = 6
 DPO = ["dpo.py", "--steps", STEPS, "--batch-size", 8, "--micro-batch-size", 4, "--lr", 1e-3]
 DYPO = ["dypo.py", "--steps", STEPS, "--prompts-per-step", 8, "--group-size", 4, "--micro-batch-size", 2,
         "--lr", 1e-3]
@@ -56,6 +60,13 @@ def state_step(out):
     return int(latest.read_text().split("-")[1]) if latest.exists() else 0
 
 
+def last_logged_step(out):
+    """The last complete line's step in a running run's metrics.jsonl (0 if none)."""
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    return json.loads(complete[-1])["step"] if complete else 0
+
+
 def wait_until(proc, condition, timeout=300):
     deadline = time.time() + timeout
     while not condition():
@@ -83,43 +94,41 @@ def assert_same_run(out, reference):
 
 
 @pytest.mark.parametrize("command,gpus", [(DPO, 1), (DYPO, 1), (DPO, 2)], ids=["dpo", "dypo", "dpo-2-processes"])
-def test_sigkill_after_the_second_checkpoint_then_resume(command, gpus, uninterrupted, small_eval, tmp_path):
-    out = tmp_path / "run"
-    args = [*command, *small_eval, "--gpus", gpus, "--save-every", 1]
-    proc = start(args, out, tmp_path / "killed.log")
+def test_sigkill_then_sigterm_then_resume_gives_the_uninterrupted_run(command, gpus, uninterrupted, small_eval,
+                                                                       tmp_path):
+    """A run killed with SIGKILL after its second checkpoint, resumed, stopped by SIGTERM, and resumed
+    again ends as the uninterrupted run. The resumed legs have no --save-every (which may change), so
+    the SIGTERM alone writes the state; with 2 processes it goes to the --gpus launcher, which passes it on."""
+    out, args = tmp_path / "run", [*command, *small_eval, "--gpus", gpus]
+
+    proc = start([*args, "--save-every", 1], out, tmp_path / "killed.log")
     wait_until(proc, lambda: state_step(out) >= 2)
     os.killpg(proc.pid, signal.SIGKILL)  # a lost node: every process at once, no clean-up
     proc.wait()
-    assert 2 <= state_step(out) < STEPS and not (out / "summary.json").exists()
-    assert [p.name for p in (out / "state").iterdir() if p.name.startswith("step-")] == [f"step-{state_step(out):08d}"]
-    proc = ok(run(*args, "--resume", "--out", out))
-    assert f"resumed from {out / 'state'}" in proc.stdout
-    assert_same_run(out, uninterrupted(command, gpus))
+    killed = state_step(out)
+    assert 2 <= killed < STEPS - 1 and not (out / "summary.json").exists()
+    assert (out / "state" / f"step-{killed:08d}" / "state.json").exists()
 
-
-@pytest.mark.parametrize("command,gpus", [(DPO, 1), (DYPO, 1), (DPO, 2)], ids=["dpo", "dypo", "dpo-2-processes"])
-def test_sigterm_saves_and_exits_then_resume(command, gpus, uninterrupted, small_eval, tmp_path):
-    """No --save-every: the SIGTERM alone writes the state. With 2 processes the signal goes to the
-    --gpus launcher, which passes it on."""
-    out = tmp_path / "run"
-    args = [*command, *small_eval, "--gpus", gpus]
-    proc = start(args, out, tmp_path / "stopped.log")
-    wait_until(proc, lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text())
+    proc = start([*args, "--resume"], out, tmp_path / "stopped.log")
+    log = tmp_path / "stopped.log"
+    wait_until(proc, lambda: f"resumed from {out / 'state'}" in log.read_text()
+               and last_logged_step(out) > killed)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143
     stopped = state_step(out)
-    assert 1 <= stopped < STEPS and not (out / "summary.json").exists()
+    assert killed < stopped < STEPS and not (out / "summary.json").exists()
     assert [x["step"] for x in metrics(out)] == list(range(1, stopped + 1))
-    log = (tmp_path / "stopped.log").read_text()
-    assert f"stopped by SIGTERM after step {stopped}" in log and "--resume" in log and "Traceback" not in log
+    text = log.read_text()
+    assert f"stopped by SIGTERM after step {stopped}" in text and "--resume" in text and "Traceback" not in text
+
     ok(run(*args, "--resume", "--out", out))
     assert_same_run(out, uninterrupted(command, gpus))
 
 
-def test_longer_steps_continue_to_the_longer_run(uninterrupted, small_eval, tmp_path):
+def test_longer_steps_continue_to_the_longer_run(saved, uninterrupted, small_eval, tmp_path):
     """A finished run resumed with a larger --steps ends where a run that long from the start ends."""
     out = tmp_path / "run"
-    ok(run(*DPO, *small_eval, "--steps", 3, "--save-every", 3, "--out", out))
+    shutil.copytree(saved, out)
     ok(run(*DPO, *small_eval, "--resume", "--out", out))
     assert_same_run(out, uninterrupted(DPO))
 
@@ -128,24 +137,37 @@ def test_longer_steps_continue_to_the_longer_run(uninterrupted, small_eval, tmp_
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, small_eval):
-    """A dpo run folder with a state after step 1."""
+    """A finished one-step dpo run, with its state after step 1."""
     out = tmp_path_factory.mktemp("saved") / "run"
     ok(run(*DPO, *small_eval, "--steps", 1, "--save-every", 1, "--out", out))
     return out
 
 
-def test_resume_without_a_state(tmp_path):
-    one_line_error(run(*DPO, "--resume", "--out", tmp_path / "empty"), "--resume", "no training state",
-                   str(tmp_path / "empty"))
+def in_process(script, *args, monkeypatch, capsys):
+    """Run `script` in this process, as common.run would from the command line (cheaper than a
+    subprocess for a run that stops at start-up); returns its exit status and stderr."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (so init_distributed leaves this process's threads alone)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        common.run(importlib.import_module(script[:-3]).main)
+    return SimpleNamespace(returncode=exit.value.code, stderr=capsys.readouterr().err)
 
 
-def test_resume_another_method(saved, small_eval):
-    one_line_error(run("sft.py", *small_eval, "--resume", "--out", saved), "written by dpo.py, not sft.py")
+def test_resume_without_a_state(tmp_path, monkeypatch, capsys):
+    proc = in_process(*DPO, "--resume", "--out", tmp_path / "empty", monkeypatch=monkeypatch, capsys=capsys)
+    one_line_error(proc, "--resume", "no training state", str(tmp_path / "empty"))
 
 
-@pytest.mark.parametrize("option,value", [("--batch-size", 16), ("--beta", 0.5), ("--model", common.WORLD / "teacher_small")])
-def test_resume_a_different_command(saved, small_eval, option, value):
-    one_line_error(run(*DPO, *small_eval, option, value, "--resume", "--out", saved), "different command", option)
+def test_resume_another_method(saved, small_eval, monkeypatch, capsys):
+    proc = in_process("sft.py", *small_eval, "--resume", "--out", saved, monkeypatch=monkeypatch, capsys=capsys)
+    one_line_error(proc, "written by dpo.py, not sft.py")
+
+
+@pytest.mark.parametrize("option,value", [("--batch-size", 16), ("--model", common.WORLD / "teacher_small")])
+def test_resume_a_different_command(saved, small_eval, option, value, monkeypatch, capsys):
+    proc = in_process(*DPO, *small_eval, option, value, "--resume", "--out", saved, monkeypatch=monkeypatch,
+                      capsys=capsys)
+    one_line_error(proc, "different command", option, str(value))
 
 
 def test_resume_on_another_process_count(saved, small_eval):
