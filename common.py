@@ -8,8 +8,8 @@ Contents, in the order a training script uses them:
   data           read_jsonl, encode, batches: TRL field names, chat template, left/right padding
   log-probs      LogprobModel.forward: per-token log-probs without a full fp32 (B, T, V) tensor
   sampling       sample(): batched KV-cache sampling returning ids, masks and log-probs
-  rewards        extract_answer / reward: compare the last number of a response with the answer
-  evaluation     evaluate(): greedy accuracy on a JSONL split
+  rewards        extract_answer / reward: a response's last \\boxed{}, number after ####, or last number
+  evaluation     evaluate(), evaluate_splits(): greedy accuracy and truncated share on the test splits
   logging        Logger: tqdm bar + <out>/metrics.jsonl, summary.json
   training state Checkpointer: --save-every, --resume and SIGTERM; the full state in <out>/state
 
@@ -177,11 +177,20 @@ def rank_slice(items, d):
 
 
 def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
+    """Check that a global batch splits into processes and micro-batches; returns the micro-batch
+    size to use: --micro-batch-size, or a process's whole share when that is smaller (so the
+    defaults work with any --gpus)."""
     if batch_size % d.world:
         raise UserError(f"--{what.replace('_', '-')} {batch_size} does not divide by the {d.world} processes")
-    if (batch_size // d.world) % micro_batch_size:
-        raise UserError(f"the per-process batch {batch_size // d.world} does not divide by "
-                        f"--micro-batch-size {micro_batch_size}")
+    per_rank = batch_size // d.world
+    if micro_batch_size > per_rank:
+        if d.main:
+            tqdm.write(f"note: --micro-batch-size {micro_batch_size} is more than a process's share of the batch "
+                       f"({per_rank}); using {per_rank}")
+        return per_rank
+    if per_rank % micro_batch_size:
+        raise UserError(f"the per-process batch {per_rank} does not divide by --micro-batch-size {micro_batch_size}")
+    return micro_batch_size
 
 
 # ----------------------------------------------------------------------------- models
@@ -210,13 +219,14 @@ class LogprobModel(nn.Module):
     time, each chunk under activation checkpointing, so neither the forward nor the backward ever
     holds more than one chunk's fp32 (rows, vocab) logits; and under FSDP2 this module is the root
     unit, so its forward hooks gather the embedding, final norm and head like any other layer.
-    Assumes logits = lm_head(final hidden state), true of Llama, Qwen, Mistral and most others
-    (not of models with logit soft-capping or scaling)."""
+    The head applies the family's final-logit transform (`logit_transform`), so the log-probs are
+    those of the model's own forward; load_model checks this on every model it loads."""
 
     def __init__(self, lm, chunk_bytes=256 * 2**20):
         super().__init__()
         self.lm = lm
         self.chunk_bytes = chunk_bytes  # fp32 logits held at once
+        self.logit_scale, self.logit_softcap = logit_transform(lm.config)
 
     def forward(self, input_ids, attention_mask, prompt_width, gather=None, topk=0, entropy=False,
                 **generation_kwargs):
@@ -244,8 +254,8 @@ class LogprobModel(nn.Module):
         flat_g = None if gather is None else gather.reshape(N, -1)
         chunks = []
         for i in range(0, N, rows):
-            args = (flat_h[i:i + rows], head.weight, head.bias, flat_t[i:i + rows],
-                    None if flat_g is None else flat_g[i:i + rows], topk, entropy)
+            args = (flat_h[i:i + rows], head.weight, head.bias, self.logit_scale, self.logit_softcap,
+                    flat_t[i:i + rows], None if flat_g is None else flat_g[i:i + rows], topk, entropy)
             chunks.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
                           else _head_logprobs(*args))
         out = {}
@@ -255,11 +265,15 @@ class LogprobModel(nn.Module):
         return out if len(out) > 1 else out["logp"]
 
 
-def _head_logprobs(h, weight, bias, targets, gather=None, topk=0, entropy=False):
-    """(N, H) hidden states -> {"logp": (N,) log-softmax of the head's logits at `targets`, in fp32},
-    plus (when asked for) detached extras: "gather_logp" (N, K) at `gather`, "topk_ids" and
-    "topk_logp" (N, k), "entropy" (N,)."""
-    logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()
+def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
+    """(N, H) hidden states -> {"logp": (N,) log-softmax of the logits softcap(scale * head(h)) at
+    `targets`, in fp32}, plus (when asked for) detached extras: "gather_logp" (N, K) at `gather`,
+    "topk_ids" and "topk_logp" (N, k), "entropy" (N,)."""
+    logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (N, V)
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     lse = logits.logsumexp(-1)                                   # (N,)
     out = {"logp": logits.gather(-1, targets[:, None]).squeeze(-1) - lse}
     if gather is None and not topk and not entropy:
@@ -275,33 +289,121 @@ def _head_logprobs(h, weight, bias, targets, gather=None, topk=0, entropy=False)
     return out
 
 
+BF16_ON_CPU = "POSTTRAIN_BF16_ON_CPU"  # =1: the GPU dtype policy on CPU, so tests exercise it without a GPU
+
+
+def bf16_policy(device):
+    """True where models compute in bf16: on GPU, or on CPU when the environment sets BF16_ON_CPU=1."""
+    return device.type == "cuda" or os.environ.get(BF16_ON_CPU) == "1"
+
+
 def autocast(device):
-    """bf16 autocast on GPU (fp32 master weights, bf16 matmuls); nothing on CPU, which runs fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 autocast under the bf16 policy (fp32 master weights, bf16 matmuls); else nothing (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_policy(device) else nullcontext()
+
+
+# model_type prefix -> the factor its CausalLM multiplies lm_head(h) by (before any soft-cap)
+_LOGIT_SCALE = {
+    "cohere": lambda c: c.logit_scale,             # Cohere, Cohere2
+    "granite": lambda c: 1.0 / c.logits_scaling,   # Granite, GraniteMoe*: logits / logits_scaling
+    "hyperclovax": lambda c: c.logits_scaling,     # the same config name, multiplied
+    "falcon_h1": lambda c: c.lm_head_multiplier,
+}
+
+
+def logit_transform(config):
+    """(scale, softcap) with which the model's family turns lm_head(h) into its logits:
+    logits = softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h) when softcap is
+    None. Gemma 2/3 soft-cap (final_logit_softcapping); Granite and Cohere scale."""
+    c = config.get_text_config()
+    scale = next((f(c) for prefix, f in _LOGIT_SCALE.items() if c.model_type.startswith(prefix)), None)
+    return float(1.0 if scale is None else scale), getattr(c, "final_logit_softcapping", None)
+
+
+def _without_dropout(config):
+    """Zero every dropout probability of a config (and its sub-configs), in place."""
+    for name, value in vars(config).items():
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(config, name, 0.0)
+        elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested config (text_config, ...)
+            _without_dropout(value)
+    return config
 
 
 def load_model(path, d, trainable=True):
     """Load a causal LM from a folder or hub id (a folder with config.json and no weights gets a
     random initialisation, for benchmarks and for building the tiny world). Trained models stay
     fp32 (bf16 compute comes from autocast / FSDP mixed precision); frozen ones (reference,
-    teacher) load in bf16 on GPU. Returns a LogprobModel on d.device."""
+    teacher) load in bf16 under the bf16 policy (GPU). Dropout is off in every model, whatever its
+    config says (as TRL does): the config's dropout probabilities are set to 0 before the model is
+    built (a saved checkpoint's config says 0), and so is every nn.Dropout the code hard-wires;
+    otherwise train mode would add noise to every log-prob and ratio. Then a probe checks that
+    the chunked head gives the log-probs of the model's own forward. Returns a LogprobModel."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    dtype = torch.float32 if trainable or d.device.type == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if not trainable and bf16_policy(d.device) else torch.float32
     p = Path(path)
     try:
+        config = _without_dropout(AutoConfig.from_pretrained(str(path)))
         if p.is_dir() and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
             torch.manual_seed(0)
-            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p), dtype=dtype)
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
-            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{path}': no such folder, and it is not on the Hugging Face "
                         f"hub or in its cache (offline?) [{type(e).__name__}]") from None
+    for m in lm.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     lm.config.use_cache = False
     model = LogprobModel(lm).to(d.device)
     if not trainable:
         model.requires_grad_(False).eval()
+    _probe_logprobs(model, d.device)
     return model
+
+
+@torch.no_grad()
+def _probe_logprobs(model, device):
+    """Stop, naming the family, if the chunked head's log-probs differ from log_softmax of the model's
+    own logits on a short left-padded batch (a logit transform this file does not know, a decoder
+    whose output is not what the head reads, ...). Tolerance: 1e-3 nats in fp32; 0.25 in bf16, whose
+    rounding of logits near a soft-cap of 30 alone reaches about 0.1, far below a missing transform."""
+    kind = model.lm.config.model_type
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.lm.config.get_text_config().vocab_size, (2, 12), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0                                                       # row 1 left-padded
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.train()  # the mode the trained model is scored in
+    try:
+        ours = model(ids, mask, 6)                                        # (2, 6)
+        logits = model(ids, mask, None, position_ids=position_ids).logits.float()  # (2, 12, V)
+    except (AttributeError, TypeError) as e:
+        raise UserError(f"model family '{kind}': its decoder cannot be scored token by token here "
+                        f"({type(e).__name__}: {e})") from None
+    finally:
+        model.train(was_training)
+    theirs = logits.log_softmax(-1)[:, 5:-1].gather(-1, ids[:, 6:, None]).squeeze(-1)
+    gap = (ours - theirs).abs().max().item()
+    if not gap <= (0.25 if bf16_policy(device) else 1e-3):
+        scale, softcap = model.logit_scale, model.logit_softcap
+        raise UserError(f"model family '{kind}': per-token log-probs from the chunked head differ from the "
+                        f"model's own forward by {gap:.3g} nats (head applied: scale {scale}, soft-cap {softcap}); "
+                        f"its logits are not what common.logit_transform knows, so every loss would be wrong")
+
+
+def decoder_layers(lm):
+    """The repeated blocks of a model, found generically: the modules whose class the model names in
+    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, FalconDecoderLayer, ...),
+    children before parents; else the children of its longest nn.ModuleList."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        lists = [m for m in lm.modules() if isinstance(m, nn.ModuleList)]
+        layers = list(max(lists, key=len)) if lists else []
+    return layers[::-1]
 
 
 def shard_model(model, d, gradient_checkpointing=False):
@@ -314,7 +416,7 @@ def shard_model(model, d, gradient_checkpointing=False):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if d.device.type == "cuda" else MixedPrecisionPolicy())
-        for layer in model.lm.get_decoder().layers:
+        for layer in decoder_layers(model.lm):
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model
@@ -469,6 +571,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
     Returns the pad_batch dict for [prompt | response] plus `logprobs` (B, R): the log-prob of each
     sampled token under the sampling distribution (logits / temperature), recorded as it is drawn;
+    `truncated` (B,) bool: the response hit max_new_tokens without EOS;
     with topk=K also `topk_ids`, `topk_logprobs` (B, R, K): that distribution's K most likely tokens.
     Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -500,7 +603,8 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     response_mask = torch.stack(valid, 1).float()                          # (B, R)
     out = dict(input_ids=torch.cat([ids, response], 1),
                attention_mask=torch.cat([batch["attention_mask"], response_mask.long()], 1),
-               response_mask=response_mask, prompt_width=ids.shape[1], logprobs=torch.stack(logps, 1))
+               response_mask=response_mask, prompt_width=ids.shape[1], logprobs=torch.stack(logps, 1),
+               truncated=~done)
     if topk:
         out["topk_logprobs"] = torch.stack([t.values for t in top], 1)  # (B, R, K)
         out["topk_ids"] = torch.stack([t.indices for t in top], 1)      # (B, R, K)
@@ -527,37 +631,74 @@ def decode_responses(tokenizer, batch):
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
+def _last_boxed(text):
+    """The content of the last \\boxed{...} in text (braces nested), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None  # unclosed
+
+
 def extract_answer(text):
-    """The final answer of a response: its last number (commas dropped), or None."""
-    found = _NUMBER.findall(text)
-    return found[-1].replace(",", "") if found else None
+    """The final answer of a response: the content of its last \\boxed{...} (MATH style), else the
+    number after its last #### (GSM8K style), else its last number; commas dropped; None if none."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.replace(",", "")
+    if "####" in text:
+        found = _NUMBER.findall(text[text.rfind("####") + 4:])[:1]  # the number right after it
+    else:
+        found = _NUMBER.findall(text)[-1:]
+    return found[0].replace(",", "") if found else None
 
 
 def reward(response, answer):
-    """Verifiable 0/1 reward: 1.0 when the response's last number equals the reference answer."""
+    """Verifiable 0/1 reward: 1.0 when the response's answer (extract_answer) equals the reference:
+    numerically when both are numbers, else as strings. A reference written as a full solution
+    (containing \\boxed{} or ####) is reduced to its answer the same way."""
     got = extract_answer(response)
+    answer = str(answer)
+    if "\\boxed{" in answer or "####" in answer:
+        answer = extract_answer(answer) or ""
     if got is None:
         return 0.0
     try:
-        return float(math.isclose(float(got), float(str(answer).replace(",", "")), abs_tol=1e-9))
+        return float(math.isclose(float(got), float(answer.replace(",", "")), abs_tol=1e-9))
     except ValueError:
-        return float(got == str(answer))
+        return float(got == answer.strip())
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256):
-    """Greedy accuracy on a JSONL split of {prompt, answer}; each rank takes a share of the problems."""
+    """Greedy decoding on a JSONL split of {prompt, answer}; each rank takes a share of the problems.
+    Returns (accuracy, truncated): the share of responses right, and the share that hit
+    max_new_tokens without EOS."""
     rows = read_jsonl(path, ("prompt", "answer"))
     share = math.ceil(len(rows) / d.world)
     mine = rows[d.rank * share:(d.rank + 1) * share]
-    correct = 0.0
+    correct = truncated = 0.0
     for i in range(0, share, batch_size):  # the same number of calls on every rank (collectives)
         chunk = mine[i:i + batch_size]
         out = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in chunk or rows[:1]], d,
                      max_new_tokens, greedy=True)
         correct += sum(reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, out), chunk))
-    return (all_sum(correct, d) / len(rows)).item()
+        truncated += out["truncated"][:len(chunk)].sum().item()
+    correct, truncated = (all_sum([correct, truncated], d) / len(rows)).tolist()
+    return correct, truncated
+
+
+def evaluate_splits(model, tokenizer, args, d):
+    """Greedy scores on --eval-data and --ood-data:
+    {"accuracy", "ood_accuracy", "truncated", "ood_truncated"}."""
+    accuracy, truncated = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_accuracy, ood_truncated = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    return dict(accuracy=accuracy, ood_accuracy=ood_accuracy, truncated=truncated, ood_truncated=ood_truncated)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -566,7 +707,8 @@ class Logger:
     """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl."""
 
     def __init__(self, out, d, total_steps, args):
-        self.d, self.out = d, Path(out)
+        self.d, self.out, self.max_new_tokens = d, Path(out), args.max_new_tokens
+        self.warned_truncation = False
         self.bar = tqdm(total=total_steps, disable=not d.main, dynamic_ncols=True)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -585,10 +727,25 @@ class Logger:
         if self.d.main:
             tqdm.write(" ".join(str(m) for m in msg))
 
+    def warn_truncation(self, share, what):
+        """One warning per run when more than half of the responses were cut at --max-new-tokens."""
+        if share > 0.5 and not self.warned_truncation:
+            self.warned_truncation = True
+            self.print(f"warning: {share:.0%} of {what} hit --max-new-tokens {self.max_new_tokens} without EOS and "
+                       f"are scored cut short; raise --max-new-tokens (real models need hundreds)")
+
+    def evaluation(self, when, scores):
+        """Print an evaluate_splits() result, with the truncated shares where there are any."""
+        cut = (f" (truncated: {scores['truncated']:.0%} ID, {scores['ood_truncated']:.0%} OOD)"
+               if scores["truncated"] or scores["ood_truncated"] else "")
+        self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
+        self.warn_truncation(max(scores["truncated"], scores["ood_truncated"]), "the greedy evaluation responses")
+
     def log(self, step, metrics):
         if not self.d.main:
             return
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        self.warn_truncation(metrics.get("rollout/truncated", 0.0), f"the sampled responses of step {step}")
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
@@ -610,9 +767,12 @@ class Logger:
             path.write_text("".join(kept))
         self.bar.update(step)
 
-    def summary(self, **fields):
-        """Write <out>/summary.json and print it."""
+    def summary(self, before, after, **fields):
+        """Print the scores after training; write <out>/summary.json (the fields, and the
+        evaluate_splits() scores as accuracy_before, ..., ood_truncated_after) and print it."""
+        self.evaluation("after training", after)
         self.bar.close()
+        fields.update({f"{k}_{when}": s[k] for when, s in (("before", before), ("after", after)) for k in s})
         if self.d.main:
             text = json.dumps(fields, indent=2)
             (self.out / "summary.json").write_text(text + "\n")
@@ -702,9 +862,9 @@ class Checkpointer:
         may_differ = [a for a in RESUME_MAY_DIFFER if hasattr(self.args, a) and a not in ("resume", "out")]
         for k in sorted(set(state["args"]) | set(mine["args"])):
             if state["args"].get(k) != mine["args"].get(k):
-                raise UserError(f"--resume: the state in {out} comes from a different command: --{k.replace('_', '-')} "
-                                f"was {state['args'].get(k)}, is now {mine['args'].get(k)} (a resumed run may change only "
-                                f"{', '.join('--' + a.replace('_', '-') for a in may_differ)})")
+                raise UserError(f"--resume: the state in {out} comes from a different command: "
+                                f"--{k.replace('_', '-')} was {state['args'].get(k)}, is now {mine['args'].get(k)} "
+                                f"(a resumed run may change only {', '.join('--' + a.replace('_', '-') for a in may_differ)})")
         if state["step"] > self.args.steps:
             raise UserError(f"--resume: the state in {out} is at step {state['step']}, past --steps {self.args.steps}")
         state["folder"] = folder
@@ -756,8 +916,8 @@ class Checkpointer:
         self._barrier()
         if self.d.main:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            state = {"step": step, **self._identity(), "values": self.values, "optimizer_stepped": "optimizer" in tensors,
-                     "param_groups": groups, "scheduler": self.scheduler.state_dict()}
+            state = {"step": step, **self._identity(), "values": self.values, "param_groups": groups,
+                     "optimizer_stepped": "optimizer" in tensors, "scheduler": self.scheduler.state_dict()}
             (folder / "state.json").write_text(json.dumps(state, indent=1))
             (self.root / "latest.tmp").write_text(name)
             os.replace(self.root / "latest.tmp", self.root / "latest")

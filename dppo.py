@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
-                    decode_responses, evaluate, init_distributed, load_model, load_tokenizer, micro_batches,
+                    decode_responses, evaluate_splits, init_distributed, load_model, load_tokenizer, micro_batches,
                     parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, reward, run, sample,
                     save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
@@ -206,7 +206,7 @@ def main():
         raise UserError(f"the {responses} responses per process and step do not split into "
                         f"--minibatches {args.minibatches}")
     minibatch_size = args.prompts_per_step * args.group_size // args.minibatches
-    check_divisible(minibatch_size, args.micro_batch_size, d)
+    args.micro_batch_size = check_divisible(minibatch_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = read_jsonl(args.data, ("prompt", "answer"))
@@ -220,9 +220,8 @@ def main():
     delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
     topk = min(args.topk, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
 
-    acc_before = ckpt.remember("acc_before", lambda: evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens))
-    ood_before = ckpt.remember("ood_before", lambda: evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens))
-    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
     start_step, start = ckpt.resume(log), time.time()
@@ -292,16 +291,15 @@ def main():
                        "policy/approx_kl": approx_kl, "policy/entropy": entropy,
                        "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
                        "rollout/response_length": rollout_tokens / n_responses,
+                       "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "train/grad_norm": grad_norm,
                        "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    after = evaluate_splits(model, tokenizer, args, d)
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
-    log.summary(method="dppo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
-                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+    log.summary(method="dppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), trust_region=args.trust_region,
                 divergence=args.divergence, delta=delta)
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
-                    evaluate, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
+                    evaluate_splits, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
                     parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids, reward, run,
                     sample, save_checkpoint, seed_everything, shard_model, UserError, warmup_schedule, Checkpointer)
 
@@ -194,7 +194,7 @@ def check_rows(rows, path):
 def main():
     args = parse_args(Args)
     d = init_distributed(args.gpus)
-    check_divisible(args.prompts_per_step, args.micro_batch_size, d, "prompts_per_step")
+    args.micro_batch_size = check_divisible(args.prompts_per_step, args.micro_batch_size, d, "prompts_per_step")
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = read_jsonl(args.data, ("prompt", "answer"))
@@ -210,9 +210,8 @@ def main():
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
 
-    acc_before = ckpt.remember("acc_before", lambda: evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens))
-    ood_before = ckpt.remember("ood_before", lambda: evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens))
-    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    log.evaluation("before training", before)
 
     k = args.group_size
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
@@ -260,7 +259,8 @@ def main():
             loss.backward()
             stats.update(parts, loss=loss.item(), hard_trained=len(hards), trained=len(mids) + len(hards))
         stats.update(hard=hard.sum().item(), mid=mid.sum().item(), reward=rewards.mean().item(),
-                     length=rollout["response_mask"].sum(-1).mean().item(), no_teacher=no_teacher)
+                     length=rollout["response_mask"].sum(-1).mean().item(),
+                     truncated=rollout["truncated"].float().mean().item(), no_teacher=no_teacher)
         keys = sorted(stats)
         totals = dict(zip(keys, all_sum(torch.tensor([float(stats[x]) for x in keys]), d).tolist()))
         loss = totals["loss"] / d.world
@@ -279,6 +279,7 @@ def main():
                        "route/easy": 1 - (totals["hard"] + totals["mid"]) / P,
                        "rollout/reward_mean": totals["reward"] / d.world,
                        "rollout/response_length": totals["length"] / d.world,
+                       "rollout/truncated": totals["truncated"] / d.world,
                        "sft/nll": totals["nll"] / max(totals["hard_trained"], 1), "grpo/loss": totals["grpo"] / n_mid,
                        "policy/clipfrac": totals["clipfrac"] / n_mid, "gal/loss": totals["gal"] / max(totals["pairs"], 1),
                        "gal/pairs": totals["pairs"], "data/hard_without_teacher": no_teacher_total,
@@ -287,11 +288,9 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    after = evaluate_splits(model, tokenizer, args, d)
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
-    log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
-                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+    log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=int(no_teacher_total))
 
 

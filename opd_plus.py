@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
-                    clip_grad, decode_responses, evaluate, free_memory, init_distributed, load_model,
+                    clip_grad, decode_responses, evaluate, evaluate_splits, free_memory, init_distributed, load_model,
                     load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule,
                     UserError, Checkpointer)
@@ -165,7 +165,7 @@ def main():
         raise UserError(f"--divergence {args.divergence} is not one of {', '.join(DIVERGENCES)}")
     d = init_distributed(args.gpus)
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
-    check_divisible(args.prompts_per_step * args.group_size, args.micro_batch_size, d)
+    args.micro_batch_size = check_divisible(args.prompts_per_step * args.group_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
@@ -179,13 +179,12 @@ def main():
     log.banner(args, args.prompts_per_step * args.group_size, args.micro_batch_size, "sequences")
 
     teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
-                                                                 args.max_new_tokens))
+                                                                 args.max_new_tokens)[0])
     if args.offload_teacher:
         free_memory(teacher)
-    acc_before = ckpt.remember("acc_before", lambda: evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens))
-    ood_before = ckpt.remember("ood_before", lambda: evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens))
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
-    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+    log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
     start_step, start = ckpt.resume(log), time.time()
@@ -219,16 +218,16 @@ def main():
         log.log(step, {"train/loss": loss, "distill/reverse_kl": sums[0].item() / (n_tokens * d.world),
                        "distill/f_divergence": sums[1].item() / (n_tokens * d.world),
                        "rollout/reward_mean": sums[2].item() / n_seqs,
-                       "rollout/response_length": n_tokens * d.world / n_seqs, "train/grad_norm": grad_norm,
+                       "rollout/response_length": n_tokens * d.world / n_seqs,
+                       "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_seqs,
+                       "train/grad_norm": grad_norm,
                        "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    after = evaluate_splits(model, tokenizer, args, d)
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
-    log.summary(method="opd_plus", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
-                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+    log.summary(method="opd_plus", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), teacher_accuracy=teacher_acc,
                 divergence=args.divergence, stop_gradient=args.stop_gradient)
 

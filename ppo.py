@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_divisible, check_finite,
-                    clip_grad, decode_responses, evaluate, init_distributed, load_model, load_tokenizer,
+                    clip_grad, decode_responses, evaluate_splits, init_distributed, load_model, load_tokenizer,
                     logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
@@ -215,7 +215,7 @@ def main():
         raise UserError(f"the {responses} responses per process and step do not split into "
                         f"--minibatches {args.minibatches}")
     minibatch_size = args.prompts_per_step * args.group_size // args.minibatches
-    check_divisible(minibatch_size, args.micro_batch_size, d)
+    args.micro_batch_size = check_divisible(minibatch_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = read_jsonl(args.data, ("prompt", "answer"))
@@ -230,9 +230,8 @@ def main():
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
 
-    acc_before = ckpt.remember("acc_before", lambda: evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens))
-    ood_before = ckpt.remember("ood_before", lambda: evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens))
-    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
     start_step, start = ckpt.resume(log), time.time()
@@ -297,6 +296,7 @@ def main():
                        "critic/explained_variance": explained_variance(old_values, returns, mask, d),
                        "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
                        "rollout/response_length": rollout_tokens / n_responses,
+                       "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "rollout/kl_ref": all_sum(((old_logprobs - ref_logprobs) * mask).sum(), d).item()
                        / rollout_tokens,
                        "train/grad_norm": grad_norm, "critic/grad_norm": critic_grad_norm,
@@ -304,11 +304,9 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    after = evaluate_splits(model, tokenizer, args, d)
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
-    log.summary(method="ppo", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
-                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+    log.summary(method="ppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad,
-                    evaluate, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
+                    evaluate_splits, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
                     pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids,
                     run, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
@@ -86,7 +86,7 @@ def sft_loss(logps, mask, n_tokens):
 def main():
     args = parse_args(Args)
     d = init_distributed(args.gpus)
-    check_divisible(args.batch_size, args.micro_batch_size, d)
+    args.micro_batch_size = check_divisible(args.batch_size, args.micro_batch_size, d)
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = read_jsonl(args.data, ("prompt", "completion"))
@@ -97,9 +97,8 @@ def main():
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.batch_size, args.micro_batch_size, "sequences")
 
-    acc_before = ckpt.remember("acc_before", lambda: evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens))
-    ood_before = ckpt.remember("ood_before", lambda: evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens))
-    log.print(f"before training: accuracy {acc_before:.3f}, OOD accuracy {ood_before:.3f}")
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    log.evaluation("before training", before)
 
     plan = batches(len(rows), args.batch_size, args.steps, args.seed)
     start_step, start = ckpt.resume(log), time.time()
@@ -127,11 +126,9 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    acc_after = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_after = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    after = evaluate_splits(model, tokenizer, args, d)
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
-    log.summary(method="sft", steps=args.steps, seconds=round(seconds, 1), accuracy_before=acc_before,
-                accuracy_after=acc_after, ood_accuracy_before=ood_before, ood_accuracy_after=ood_after,
+    log.summary(method="sft", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))
 
 
