@@ -859,12 +859,13 @@ class Checkpointer:
         if state["processes"] != mine["processes"]:
             raise UserError(f"--resume: the state in {out} was written by {state['processes']} process(es) and "
                             f"resumes on as many (--gpus {state['processes']}), not on {mine['processes']}")
-        may_differ = [a for a in RESUME_MAY_DIFFER if hasattr(self.args, a) and a not in ("resume", "out")]
+        may_differ = ["--" + a.replace("_", "-") for a in RESUME_MAY_DIFFER
+                      if hasattr(self.args, a) and a not in ("resume", "out")]
         for k in sorted(set(state["args"]) | set(mine["args"])):
             if state["args"].get(k) != mine["args"].get(k):
                 raise UserError(f"--resume: the state in {out} comes from a different command: "
                                 f"--{k.replace('_', '-')} was {state['args'].get(k)}, is now {mine['args'].get(k)} "
-                                f"(a resumed run may change only {', '.join('--' + a.replace('_', '-') for a in may_differ)})")
+                                f"(a resumed run may change only {', '.join(may_differ)})")
         if state["step"] > self.args.steps:
             raise UserError(f"--resume: the state in {out} is at step {state['step']}, past --steps {self.args.steps}")
         state["folder"] = folder
