@@ -11,6 +11,7 @@ Contents, in the order a training script uses them:
   rewards        extract_answer / reward: a response's last \\boxed{}, number after ####, or last number
   evaluation     evaluate(), evaluate_splits(): greedy accuracy and truncated share on the test splits
   logging        Logger: tqdm bar + <out>/metrics.jsonl, summary.json
+  training state Checkpointer: --save-every, --resume and SIGTERM; the full state in <out>/state
 
 Sequence layout used everywhere: a batch row is [left-padded prompt | right-padded response], so
 every response starts at column P (`prompt_width`). Response tensors are (B, R) with R = T - P.
@@ -24,14 +25,17 @@ import json
 import math
 import operator
 import os
+import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -248,6 +252,8 @@ def _spawn(n):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable] + sys.argv, env=env))
+    # a scheduler's SIGTERM to this launcher goes on to every process, which saves and exits (Checkpointer)
+    signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
     code = 0
     while any(p.poll() is None for p in procs):  # if one process fails, stop the others
         if any(p.returncode not in (None, 0) for p in procs):
@@ -301,7 +307,6 @@ def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
 # ----------------------------------------------------------------------------- models
 
 def seed_everything(seed):
-    import random
     random.seed(seed)
     torch.manual_seed(seed)
 
@@ -986,7 +991,8 @@ class Logger:
         self.bar = tqdm(total=total_steps, disable=not d.main, dynamic_ncols=True)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").write_text("")
+            if not args.resume:  # a resumed run keeps the lines up to its state's step (Logger.resume)
+                (self.out / "metrics.jsonl").write_text("")
             (self.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     def banner(self, args, batch_size, micro_batch_size, unit):
@@ -1025,6 +1031,21 @@ class Logger:
                               if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")}, refresh=False)
         self.bar.update(1)
 
+    def resume(self, step):
+        """Continue a run resumed after step `step`: keep metrics.jsonl's lines up to it and drop the
+        later ones, which a killed run may have logged after its last state."""
+        if self.d.main:
+            path = self.out / "metrics.jsonl"
+            kept = []
+            for line in (path.read_text().splitlines() if path.exists() else []):
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    pass
+            path.write_text("".join(kept))
+        self.bar.update(step)
+
     def summary(self, before, after, **fields):
         """Print the scores after training; write <out>/summary.json (the fields, and the
         evaluate_splits() scores as accuracy_before, ..., ood_truncated_after) and print it."""
@@ -1043,3 +1064,207 @@ def check_finite(loss, step, out):
         ckpt = Path(out) / "model"
         kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
         raise UserError(f"the loss is {loss} at step {step}; stopping ({kept})")
+
+
+# ----------------------------------------------------------------------------- training state
+
+# Arguments a resumed run may change: how long the run is and how often it saves (a longer --steps
+# continues to the weights of a run that long from the start: the data order and the schedule do not
+# depend on it), where the run folder is, and settings that change memory, not the maths. The process
+# count is compared on its own (--gpus 2 and torchrun with 2 processes are the same command).
+RESUME_MAY_DIFFER = ("steps", "save_every", "resume", "out", "gpus", "gradient_checkpointing", "offload_teacher")
+
+
+class Checkpointer:
+    """The full training state, so that a killed run continues to the weights it would have reached.
+
+    With --save-every N (and on SIGTERM), <out>/state/step-<S>/ holds the state after optimizer step S:
+      sharded/*.safetensors  the trained weights and the optimizer's tensors, written and read by
+                             torch.distributed.checkpoint, one file per process (its FSDP shards)
+      state.json             the step, the command that wrote it (method, arguments, process count),
+                             values computed once (accuracy before training), the optimizer's
+                             hyper-parameters and the learning-rate scheduler
+      rng-<rank>.pt          that process's RNG states (torch, CUDA, Python) and the loop's own
+                             generators and buffers
+    and <out>/state/latest names the last complete one. It is replaced (os.replace) only after a new
+    state is complete, so a kill at any moment leaves one. Loading unpickles nothing: safetensors,
+    JSON, and torch.load(weights_only=True) for the RNG tensors. The model for from_pretrained is
+    still written to <out>/model, after the state.
+
+    Used by every method file in the same four places: created after the scheduler (on --resume it
+    checks here that the state in --out comes from the same command), `remember` around the
+    evaluations before training, `start_step = resume(log)` before the loop, which then skips the
+    steps done, and `maybe_save(step)` at the end of each step."""
+
+    def __init__(self, args, d, tokenizer, model, optimizer, scheduler, **carried):
+        """`carried`: what else the loop needs to continue exactly, by name: another trained module
+        whose parameters the optimizer holds (PPO's critic), a torch.Generator the loop draws from, or
+        a tensor it updates in place (a running count). A run without --resume removes any earlier
+        state in --out, so that a --resume never continues an older run."""
+        self.args, self.d, self.tokenizer, self.model = args, d, tokenizer, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        # one module tree over everything trained, so that the optimizer's parameters have names
+        self.modules = nn.ModuleDict({"model": model, **{k: v for k, v in carried.items() if isinstance(v, nn.Module)}})
+        self.carried = {k: v for k, v in carried.items() if not isinstance(v, nn.Module)}
+        self.root = Path(args.out) / "state"
+        self.method = Path(sys.modules[type(args).__module__].__file__).stem
+        self.values, self.state, self.stop_at = {}, None, None
+        if args.resume:
+            self.state = self._read_state()
+            self.values = dict(self.state["values"])
+        elif d.main:
+            shutil.rmtree(self.root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _identity(self):
+        args = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_MAY_DIFFER}
+        return {"method": self.method, "processes": self.d.world, "args": args}
+
+    def _read_state(self):
+        """state.json of the latest state in --out, after checking it was written by this command."""
+        out = self.args.out
+        try:
+            folder = self.root / (self.root / "latest").read_text().strip()
+            state = json.loads((folder / "state.json").read_text())
+        except FileNotFoundError:
+            raise UserError(f"--resume: no training state in {out} (one is written every --save-every steps "
+                            f"and on SIGTERM)") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"--resume: the training state in {out} cannot be read ({e})") from None
+        mine = self._identity()
+        if state["method"] != mine["method"]:
+            raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, "
+                            f"not {mine['method']}.py")
+        if state["processes"] != mine["processes"]:
+            raise UserError(f"--resume: the state in {out} was written by {state['processes']} process(es) and "
+                            f"resumes on as many (--gpus {state['processes']}), not on {mine['processes']}")
+        may_differ = ["--" + a.replace("_", "-") for a in RESUME_MAY_DIFFER
+                      if hasattr(self.args, a) and a not in ("resume", "out")]
+        for k in sorted(set(state["args"]) | set(mine["args"])):
+            if state["args"].get(k) != mine["args"].get(k):
+                raise UserError(f"--resume: the state in {out} comes from a different command: "
+                                f"--{k.replace('_', '-')} was {state['args'].get(k)}, is now {mine['args'].get(k)} "
+                                f"(a resumed run may change only {', '.join(may_differ)})")
+        if state["step"] > self.args.steps:
+            raise UserError(f"--resume: the state in {out} is at step {state['step']}, past --steps {self.args.steps}")
+        state["folder"] = folder
+        return state
+
+    def remember(self, name, compute):
+        """compute() in a fresh run; in a resumed one, the value it gave then (kept in the state), so
+        that e.g. the accuracy before training is measured once and the summary is the same."""
+        if name not in self.values:
+            self.values[name] = compute()
+        return self.values[name]
+
+    def _tensors(self, with_optimizer):
+        """(tensors to save, or to load in place; model state dict; optimizer state dict or None) in
+        torch.distributed.checkpoint's form: keyed by name, FSDP shards as shards. Tied weights
+        (embedding = output head) are stored once. The optimizer has tensors once it has stepped
+        (asking for them before would make it take a zero step to create them)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        every_name = {n for n, _ in self.modules.named_parameters(remove_duplicate=False)}
+        tied = every_name - {n for n, _ in self.modules.named_parameters()}
+        model_state = get_model_state_dict(self.modules)
+        tensors = {"model": {k: v for k, v in model_state.items() if k not in tied}}
+        optim_state = None
+        if with_optimizer:
+            optim_state = get_optimizer_state_dict(self.modules, self.optimizer)
+            tensors["optimizer"] = optim_state["state"]
+        return tensors, model_state, optim_state
+
+    def save(self, step):
+        """Write the state after optimizer step `step`, then <out>/model. Every process calls it."""
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+        name = f"step-{step:08d}"
+        folder = self.root / name
+        if self.d.main:
+            shutil.rmtree(folder, ignore_errors=True)  # left by a save that was killed
+            folder.mkdir(parents=True)
+        self._barrier()
+        tensors = self._tensors(with_optimizer=bool(self.optimizer.state))[0]
+        with warnings.catch_warnings():  # torch.distributed.checkpoint warns when it runs on one process
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / "sharded"), save_distributed=True),
+                 no_dist=self.d.world == 1)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.d.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
+        carried = {k: v.get_state() if isinstance(v, torch.Generator) else v.detach().cpu().clone()
+                   for k, v in self.carried.items()}
+        torch.save({"rng": rng, "carried": carried}, folder / f"rng-{self.d.rank}.pt")
+        self._barrier()
+        if self.d.main:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            state = {"step": step, **self._identity(), "values": self.values, "param_groups": groups,
+                     "optimizer_stepped": "optimizer" in tensors, "scheduler": self.scheduler.state_dict()}
+            (folder / "state.json").write_text(json.dumps(state, indent=1))
+            (self.root / "latest.tmp").write_text(name)
+            os.replace(self.root / "latest.tmp", self.root / "latest")
+            for old in self.root.glob("step-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        save_checkpoint(self.model, self.tokenizer, Path(self.args.out) / "model", self.d)
+
+    def resume(self, log):
+        """Load the state read at start-up (weights, optimizer, scheduler, RNGs, what the loop carries),
+        keep metrics.jsonl up to its step, and return that step; 0 in a fresh run. Called just before
+        the loop, after anything that needs the initial weights (DPO's reference log-probs)."""
+        if self.state is None:
+            return 0
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        folder, step = self.state["folder"], self.state["step"]
+        for group, saved in zip(self.optimizer.param_groups, self.state["param_groups"]):
+            group.update(saved)
+        self.scheduler.load_state_dict(self.state["scheduler"])
+        tensors, model_state, optim_state = self._tensors(self.state["optimizer_stepped"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")), no_dist=self.d.world == 1)
+        set_model_state_dict(self.modules, model_state)  # (the tied entries share the loaded tensors)
+        if optim_state is not None:
+            set_optimizer_state_dict(self.modules, self.optimizer, optim_state)
+        saved = torch.load(folder / f"rng-{self.d.rank}.pt", weights_only=True)
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        if "cuda" in saved["rng"]:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], self.d.device)
+        for k, v in self.carried.items():
+            if isinstance(v, torch.Generator):
+                v.set_state(saved["carried"][k])
+            else:
+                v.copy_(saved["carried"][k])
+        log.resume(step)
+        log.print(f"resumed from {folder} after step {step}")
+        return step
+
+    def maybe_save(self, step):
+        """At the end of step `step`: save every --save-every steps. After a SIGTERM to any process,
+        save, print how to continue and exit with status 143 (128 + SIGTERM), on every process."""
+        stop = self.stop_at is not None
+        if self.d.world > 1:  # every process stops after the same step
+            stop = all_max(float(stop), self.d).item() > 0
+        if stop or (self.args.save_every and step % self.args.save_every == 0):
+            self.save(step)
+        if stop:
+            if self.d.main:
+                tqdm.write(f"stopped by SIGTERM after step {step}, state saved in {self.root}: "
+                           f"run the same command with --resume to continue")
+            sys.exit(143)
+
+    def _on_sigterm(self, signum, frame):
+        """The first SIGTERM asks to stop after the current step (maybe_save); another one more than a
+        second later stops at once. (One within a second is the same request, sent both by a
+        scheduler that signals every process and by the --gpus launcher that passes it on.)"""
+        if self.stop_at is None:
+            self.stop_at = time.monotonic()
+        elif time.monotonic() - self.stop_at > 1:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _barrier(self):
+        if self.d.world > 1:
+            dist.barrier()
+

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, evaluate_splits,
                     fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
                     parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, run, save_checkpoint,
-                    seed_everything, shard_model, warmup_schedule)
+                    seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
@@ -77,7 +77,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -117,6 +121,7 @@ def main():
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.batch_size, args.micro_batch_size, "pairs")
     plan = [rank_slice(indices, d) for indices in batches(len(rows), args.batch_size, args.steps, args.seed)]
@@ -129,11 +134,11 @@ def main():
                 for mb in micro_batches(mine, args.micro_batch_size)] for mine in plan]
     model.train()
 
-    before = evaluate_splits(model, tokenizer, args, d)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
-    start = time.time()
-    for step, mine in enumerate(plan, 1):
+    start_step, start = ckpt.resume(log), time.time()
+    for step, mine in enumerate(plan[start_step:], start_step + 1):
         sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen reward, rejected reward, accuracy, margin
         for mb, (ref_chosen, ref_rejected) in zip(micro_batches(mine, args.micro_batch_size), ref[step - 1]):
             policy_chosen, policy_rejected = concatenated_logps(
@@ -155,8 +160,7 @@ def main():
         log.log(step, {"train/loss": loss, "rewards/accuracy": accuracy, "rewards/margin": margin,
                        "rewards/chosen": chosen, "rewards/rejected": rejected, "train/grad_norm": grad_norm,
                        "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     after = evaluate_splits(model, tokenizer, args, d)

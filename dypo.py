@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
                     evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
                     pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, UserError,
+                    Checkpointer)
 
 
 @dataclass
@@ -110,7 +111,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -197,15 +202,20 @@ def main():
     reference = load_model(args.model, d, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    teacher_draws = torch.Generator().manual_seed(args.seed)  # same on every process: global indices
+    no_teacher_total = torch.zeros((), dtype=torch.long)  # Hard prompts skipped so far (updated in place)
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, teacher_draws=teacher_draws,
+                        no_teacher_total=no_teacher_total)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
-    teacher_draws = torch.Generator().manual_seed(args.seed)  # same on every process: global indices
 
-    before = evaluate_splits(model, tokenizer, args, d)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
-    k, start, no_teacher_total = args.group_size, time.time(), 0
-    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+    k = args.group_size
+    plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
+    start_step, start = ckpt.resume(log), time.time()
+    for step, indices in enumerate(plan[start_step:], start_step + 1):
         u = rank_slice(torch.rand(args.prompts_per_step, generator=teacher_draws).tolist(), d)
         mine = [rows[i] for i in rank_slice(indices, d)]
         prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
@@ -276,14 +286,13 @@ def main():
                        "gal/pairs": totals["pairs"], "data/hard_without_teacher": no_teacher_total,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     after = evaluate_splits(model, tokenizer, args, d)
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
-                peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=no_teacher_total)
+                peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=int(no_teacher_total))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer, clip_grad,
                     decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed, load_model,
                     load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
@@ -94,7 +94,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -139,18 +143,21 @@ def main():
     teacher = load_model(args.teacher, d, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step * args.group_size, args.micro_batch_size, "sequences")
 
-    teacher_acc, _ = evaluate(teacher, tokenizer, args.eval_data, d, args.max_new_tokens)
+    teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
+                                                                 args.max_new_tokens)[0])
     if args.offload_teacher:
         free_memory(teacher)
-    before = evaluate_splits(model, tokenizer, args, d)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
     log.evaluation("before training", before)
 
-    start = time.time()
-    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+    plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
+    start_step, start = ckpt.resume(log), time.time()
+    for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d, args.max_new_tokens)
         rewards = [reward(text, r["answer"]) for text, r in zip(decode_responses(tokenizer, rollout), mine)]
@@ -181,8 +188,7 @@ def main():
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_seqs,
                        "train/grad_norm": grad_norm,
                        "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     after = evaluate_splits(model, tokenizer, args, d)

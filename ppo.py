@@ -56,7 +56,7 @@ from torch import nn
 from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_divisible, check_finite, clip_grad,
                     decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
                     logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule)
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
@@ -116,7 +116,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many rollout steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many rollout steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -224,14 +228,16 @@ def main():
                                    {"params": critic.parameters(), "lr": args.critic_lr}],
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, critic=critic)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
 
-    before = evaluate_splits(model, tokenizer, args, d)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
-    start = time.time()
-    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+    plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
+    start_step, start = ckpt.resume(log), time.time()
+    for step, indices in enumerate(plan[start_step:], start_step + 1):
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
@@ -297,8 +303,7 @@ def main():
                        / rollout_tokens,
                        "train/grad_norm": grad_norm, "critic/grad_norm": critic_grad_norm,
                        "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     after = evaluate_splits(model, tokenizer, args, d)

@@ -28,7 +28,7 @@ import torch
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, evaluate_splits,
                     fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
                     parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, run, save_checkpoint,
-                    seed_everything, shard_model, warmup_schedule)
+                    seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
@@ -68,7 +68,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -91,14 +95,16 @@ def main():
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.batch_size, args.micro_batch_size, "sequences")
 
-    before = evaluate_splits(model, tokenizer, args, d)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
-    start = time.time()
-    for step, indices in enumerate(batches(len(rows), args.batch_size, args.steps, args.seed), 1):
+    plan = batches(len(rows), args.batch_size, args.steps, args.seed)
+    start_step, start = ckpt.resume(log), time.time()
+    for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d)]
         prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
         completions = [response_ids(tokenizer, r["completion"]) for r in mine]
@@ -119,8 +125,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         log.log(step, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     after = evaluate_splits(model, tokenizer, args, d)

@@ -55,7 +55,7 @@ from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, c
                     clip_grad, decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed,
                     load_model, load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
                     select_rows, response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model,
-                    UserError, warmup_schedule)
+                    UserError, warmup_schedule, Checkpointer)
 
 
 @dataclass
@@ -112,7 +112,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the checkpoint every this many steps (0: only at the end)"""
+    """also write the model and the full training state (for --resume) every this many steps
+    (0: the model at the end only)"""
+    resume: bool = False
+    """continue from the last training state in --out, to the weights of an uninterrupted run
+    (README: long runs)"""
 
 
 # ----------------------------------------------------------------------------- the method
@@ -221,19 +225,22 @@ def main():
     top_k = min(args.top_k, model.lm.get_output_embeddings().weight.shape[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
+    trust_draws = torch.Generator(d.device).manual_seed(args.seed)  # same on every process: global batch
+    ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, trust_draws=trust_draws)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, "sequences")
-    trust_draws = torch.Generator(d.device).manual_seed(args.seed)  # same on every process: global batch
 
-    teacher_acc, _ = evaluate(teacher, tokenizer, args.eval_data, d, args.max_new_tokens)
+    teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
+                                                                 args.max_new_tokens)[0])
     if args.offload_teacher:
         free_memory(teacher)
-    before = evaluate_splits(model, tokenizer, args, d)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
     log.evaluation("before training", before)
 
-    start = time.time()
-    for step, indices in enumerate(batches(len(rows), args.prompts_per_step, args.steps, args.seed), 1):
+    plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
+    start_step, start = ckpt.resume(log), time.time()
+    for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d)]
         prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
         # the guided samples' prefixes: the first teacher response, or one the teacher samples now
@@ -306,8 +313,7 @@ def main():
                        "rollout/truncated": truncated / n_seqs,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
                        "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(model, tokenizer, f"{args.out}/model", d)
+        ckpt.maybe_save(step)
     seconds = time.time() - start
 
     after = evaluate_splits(model, tokenizer, args, d)
