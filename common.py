@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -68,7 +68,8 @@ def _field_docs(cls):
 # be finite (argparse's float() accepts "nan" and "inf").
 RANGES = {
     # length of the run
-    "steps": ">= 1", "epochs": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0", "guide_steps": ">= 0",
+    "steps": ">= 1", "epochs": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0", "eval_every": ">= 0",
+    "guide_steps": ">= 0",
     # batches
     "batch_size": ">= 1", "micro_batch_size": ">= 1", "prompts_per_step": ">= 1", "group_size": ">= 1",
     "minibatches": ">= 1",
@@ -842,6 +843,23 @@ def micro_batches(items, size):
 
 # ----------------------------------------------------------------------------- sampling
 
+@contextmanager
+def rounded_weights(model, dtype):
+    """Within the block, the model's weights hold their values rounded to `dtype` (in their own
+    dtype); after it, their exact values again. A sampler that differs from the learner, as a bf16
+    inference engine's copy of an fp32 policy does."""
+    exact = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), exact):
+                p.copy_(value)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0):
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
@@ -983,10 +1001,13 @@ def evaluate_splits(model, tokenizer, args, d):
 # ----------------------------------------------------------------------------- logging
 
 class Logger:
-    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl."""
+    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl.
+    `evaluate` (no arguments -> an evaluate_splits() dict) scores the model before and after
+    training, and every --eval-every steps into the step's line as eval/accuracy, eval/ood_accuracy."""
 
-    def __init__(self, out, d, total_steps, args):
+    def __init__(self, out, d, total_steps, args, evaluate):
         self.d, self.out, self.max_new_tokens = d, Path(out), args.max_new_tokens
+        self.score, self.eval_every, self.scored = evaluate, args.eval_every, None
         self.warned_truncation = False
         self.bar = tqdm(total=total_steps, disable=not d.main, dynamic_ncols=True)
         if d.main:
@@ -1020,7 +1041,17 @@ class Logger:
         self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
         self.warn_truncation(max(scores["truncated"], scores["ood_truncated"]), "the greedy evaluation responses")
 
+    def evaluate(self):
+        """The scores of the model as it is now: those of the last logged step if it was scored there."""
+        return self.scored or self.score()
+
     def log(self, step, metrics):
+        self.scored = None  # the model has changed since the last scores
+        if self.eval_every and step % self.eval_every == 0:  # every process takes its share of the problems
+            self.scored = self.score()
+            self.evaluation(f"step {step}", self.scored)
+            metrics = {**metrics, "eval/accuracy": self.scored["accuracy"],
+                       "eval/ood_accuracy": self.scored["ood_accuracy"]}
         if not self.d.main:
             return
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
@@ -1072,7 +1103,8 @@ def check_finite(loss, step, out):
 # continues to the weights of a run that long from the start: the data order and the schedule do not
 # depend on it), where the run folder is, and settings that change memory, not the maths. The process
 # count is compared on its own (--gpus 2 and torchrun with 2 processes are the same command).
-RESUME_MAY_DIFFER = ("steps", "save_every", "resume", "out", "gpus", "gradient_checkpointing", "offload_teacher")
+RESUME_MAY_DIFFER = ("steps", "save_every", "eval_every", "resume", "out", "gpus", "gradient_checkpointing",
+                     "offload_teacher")
 
 
 class Checkpointer:

@@ -79,6 +79,8 @@ class Args:
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many steps
     (0: the model at the end only)"""
+    eval_every: int = 0
+    """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
     resume: bool = False
     """continue from the last training state in --out, to the weights of an uninterrupted run
     (README: long runs)"""
@@ -122,7 +124,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
     log.banner(args, args.batch_size, args.micro_batch_size, "pairs")
     plan = [rank_slice(indices, d) for indices in batches(len(rows), args.batch_size, args.steps, args.seed)]
 
@@ -134,7 +136,7 @@ def main():
                 for mb in micro_batches(mine, args.micro_batch_size)] for mine in plan]
     model.train()
 
-    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    before = ckpt.remember("before", log.evaluate)
     log.evaluation("before training", before)
 
     start_step, start = ckpt.resume(log), time.time()
@@ -163,7 +165,7 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    after = evaluate_splits(model, tokenizer, args, d)
+    after = log.evaluate()
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dpo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))

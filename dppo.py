@@ -44,7 +44,11 @@ Implementation details:
      r > 1 + eps_high, or A < 0 and r < 1 - eps_low), divergence mean and max, approx_kl (k3 =
      (r - 1) - log r), entropy; per rollout: reward mean, response length. Only the selected
      trust region acts; the other is what it would have done.
-  8. Deviation: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
+  8. --rollout-precision bf16 samples each rollout from the policy with its weights rounded to bf16
+     (restored for the update), so mu differs from pi_theta before any update, as when a bf16
+     inference engine samples for an fp32 learner. On a GPU the policy already computes in bf16
+     (autocast), so there the option rounds only what autocast leaves in fp32 (norms, biases).
+  9. Deviation: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
      models. Tiny-world defaults (32 prompts x 8, lr 5e-5, 100 steps) were tuned on the ID split:
      with no critic, no whitening and no KL penalty the update is noisier than ppo.py's, and
      higher rates did worse (DPPO, 60 steps: lr 1e-4 0.44 ID, the clip baseline 0.47; lr 3e-4
@@ -52,14 +56,16 @@ Implementation details:
 """
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
                     decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
-                    micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, reward,
-                    run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
+                    micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, reward, rounded_weights,
+                    run, sample, save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule,
+                    Checkpointer)
 
 RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
 
@@ -97,6 +103,9 @@ class Args:
     """sampling temperature of the rollouts"""
     trust_region: str = "dppo"
     """dppo: the divergence mask (Eq. 12); clip: the baseline ratio clip [1 - clip_low, 1 + clip_high]"""
+    rollout_precision: str = "fp32"
+    """fp32: rollouts from the policy itself; bf16: from a copy with its weights rounded to bf16 (a sampler
+    that differs from the learner, as a bf16 inference engine's does)"""
     divergence: str = "binary_tv"
     """DPPO's divergence estimate: binary_tv, binary_kl, topk_tv or topk_kl"""
     delta: float = 0.0
@@ -124,6 +133,8 @@ class Args:
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many rollout steps
     (0: the model at the end only)"""
+    eval_every: int = 0
+    """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
     resume: bool = False
     """continue from the last training state in --out, to the weights of an uninterrupted run
     (README: long runs)"""
@@ -201,6 +212,8 @@ def main():
     d = init_distributed(args.gpus)
     if args.trust_region not in ("dppo", "clip"):
         raise UserError(f"--trust-region must be dppo or clip, not '{args.trust_region}'")
+    if args.rollout_precision not in ("fp32", "bf16"):
+        raise UserError(f"--rollout-precision must be fp32 or bf16, not '{args.rollout_precision}'")
     if args.divergence not in ("binary_tv", "binary_kl", "topk_tv", "topk_kl"):
         raise UserError(f"--divergence must be binary_tv, binary_kl, topk_tv or topk_kl, not '{args.divergence}'")
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
@@ -217,13 +230,13 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
     kind = args.divergence.split("_")[1]
     delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
     topk = min(args.topk, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
 
-    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    before = ckpt.remember("before", log.evaluate)
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
@@ -231,8 +244,9 @@ def main():
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
-        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                         args.max_new_tokens, args.temperature, topk=topk)
+        with rounded_weights(model, torch.bfloat16) if args.rollout_precision == "bf16" else nullcontext():
+            rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
+                             args.max_new_tokens, args.temperature, topk=topk)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, old_logprobs = rollout["response_mask"], rollout["logprobs"]
@@ -300,7 +314,7 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    after = evaluate_splits(model, tokenizer, args, d)
+    after = log.evaluate()
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), trust_region=args.trust_region,

@@ -113,6 +113,8 @@ class Args:
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many steps
     (0: the model at the end only)"""
+    eval_every: int = 0
+    """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
     resume: bool = False
     """continue from the last training state in --out, to the weights of an uninterrupted run
     (README: long runs)"""
@@ -206,10 +208,10 @@ def main():
     no_teacher_total = torch.zeros((), dtype=torch.long)  # Hard prompts skipped so far (updated in place)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, teacher_draws=teacher_draws,
                         no_teacher_total=no_teacher_total)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
     log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
 
-    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    before = ckpt.remember("before", log.evaluate)
     log.evaluation("before training", before)
 
     k = args.group_size
@@ -289,7 +291,7 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    after = evaluate_splits(model, tokenizer, args, d)
+    after = log.evaluate()
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=int(no_teacher_total))

@@ -118,6 +118,8 @@ class Args:
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many rollout steps
     (0: the model at the end only)"""
+    eval_every: int = 0
+    """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
     resume: bool = False
     """continue from the last training state in --out, to the weights of an uninterrupted run
     (README: long runs)"""
@@ -229,10 +231,10 @@ def main():
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, critic=critic)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
 
-    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    before = ckpt.remember("before", log.evaluate)
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
@@ -306,7 +308,7 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    after = evaluate_splits(model, tokenizer, args, d)
+    after = log.evaluate()
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="ppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))

@@ -114,6 +114,8 @@ class Args:
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many steps
     (0: the model at the end only)"""
+    eval_every: int = 0
+    """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
     resume: bool = False
     """continue from the last training state in --out, to the weights of an uninterrupted run
     (README: long runs)"""
@@ -227,14 +229,14 @@ def main():
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     trust_draws = torch.Generator(d.device).manual_seed(args.seed)  # same on every process: global batch
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, trust_draws=trust_draws)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
     log.banner(args, args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, "sequences")
 
     teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
                                                                  args.max_new_tokens)[0])
     if args.offload_teacher:
         free_memory(teacher)
-    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
+    before = ckpt.remember("before", log.evaluate)
     log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
     log.evaluation("before training", before)
 
@@ -316,7 +318,7 @@ def main():
         ckpt.maybe_save(step)
     seconds = time.time() - start
 
-    after = evaluate_splits(model, tokenizer, args, d)
+    after = log.evaluate()
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="tropd", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), teacher_accuracy=teacher_acc)

@@ -433,3 +433,15 @@ def test_batches_partial_last_epoch():
     order = [i for b in a for i in b]
     assert sorted(order[:7]) == list(range(7))
     assert len(set(order[7:])) == 5  # no repeats inside the second epoch
+
+
+def test_rounded_weights_round_inside_and_restore_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    exact = [p.detach().clone() for p in model.parameters()]
+    with common.rounded_weights(model, torch.bfloat16):
+        for p, value in zip(model.parameters(), exact):
+            assert p.dtype == torch.float32 and torch.equal(p, value.bfloat16().float())
+            assert not torch.equal(p, value)
+    for p, value in zip(model.parameters(), exact):
+        assert torch.equal(p, value)

@@ -289,3 +289,11 @@ def test_clip_baseline_runs(small_eval, tmp_path):
 
 def test_unknown_divergence(tmp_path):
     one_line_error(run("dppo.py", "--divergence", "tv", "--out", tmp_path), "--divergence", "'tv'")
+
+
+def test_bf16_rollouts_differ_from_the_learner(small_eval, tmp_path):
+    """--rollout-precision bf16: the first update of the first minibatch already sees mu != pi_theta
+    (an fp32 rollout agrees with the learner there to float error, about 1e-7)."""
+    ok(run("dppo.py", "--steps", 1, "--prompts-per-step", 8, "--group-size", 4, "--epochs", 1, "--minibatches", 1,
+           "--rollout-precision", "bf16", *small_eval, "--out", tmp_path / "run"))
+    assert metrics(tmp_path / "run")[0]["policy/divergence_mean"] > 1e-5

@@ -62,6 +62,19 @@ def test_smoke(script, tmp_path):
     assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
 
 
+def test_eval_every(tmp_path):
+    """--eval-every 2 over 4 steps: greedy ID and OOD accuracy in the lines of steps 2 and 4 only, the
+    last equal to the accuracy after training."""
+    out = tmp_path / "run"
+    proc = ok(run("sft.py", "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--out", out))
+    m = metrics(out)
+    assert [x["step"] for x in m if "eval/accuracy" in x] == [2, 4]
+    assert [x["step"] for x in m if "eval/ood_accuracy" in x] == [2, 4]
+    s = summary(out)
+    assert (m[-1]["eval/accuracy"], m[-1]["eval/ood_accuracy"]) == (s["accuracy_after"], s["ood_accuracy_after"])
+    assert "step 2: accuracy" in proc.stdout
+
+
 def test_dpo_learns(tmp_path):
     """The issue's bar: DPO with its defaults raises ID accuracy by >= 10 points on the tiny world."""
     out = tmp_path / "dpo"
