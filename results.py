@@ -17,8 +17,8 @@ and an unfinished run starts again from an empty folder. Each command's output g
 log.txt; a failed command prints its last lines and the rest go on.
 
 Writes results/results.md: per experiment, per row, the mean +- sample sd over the seeds of the
-greedy accuracy after training (ID and OOD), n, the accuracy before, the wall seconds of a run, the
-difference to the row it is compared with, and the exact commands. A difference is called one only
+greedy accuracy after training (ID and OOD), n, the difference to the row it is compared with, the
+accuracy before, the wall seconds of a run, the peak memory, and the exact commands. A difference is called one only
 where the two rows' mean +- sd intervals do not overlap. With matplotlib installed (optional, used
 only here) also the PNG figures of FIGURES; without it the tables are still written.
 """
@@ -129,10 +129,10 @@ class Run:
         path = self.folder / "run.json"
         return path.is_file() and json.loads(path.read_text())["commands"] == self.commands
 
-    def summary(self, which):
-        """summary.json of the first (which=0) or last (-1) command."""
-        words = shlex.split(self.commands[which])
-        return json.loads((ROOT / words[words.index("--out") + 1] / "summary.json").read_text())
+    def summaries(self):
+        """The summary.json of each command, in order."""
+        outs = [shlex.split(c) for c in self.commands]
+        return [json.loads((ROOT / words[words.index("--out") + 1] / "summary.json").read_text()) for words in outs]
 
     def metrics(self):
         words = shlex.split(self.commands[-1])
@@ -200,18 +200,22 @@ def table(rows, done_runs, commands_of):
     stats = {}
     for label, *_ in rows:
         done = done_runs(label)
-        stats[label] = {"id": mean_sd([r.summary(-1)["accuracy_after"] for r in done]),
-                        "ood": mean_sd([r.summary(-1)["ood_accuracy_after"] for r in done]),
-                        "before": mean_sd([r.summary(0)["accuracy_before"] for r in done]),
-                        "seconds": mean_sd([r.seconds() for r in done]), "n": len(done)}
-    lines = ["| run | n | ID after | OOD after | vs | ID difference | OOD difference | ID before | s / run | command |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+        summaries = [r.summaries() for r in done]
+        stats[label] = {"id": mean_sd([s[-1]["accuracy_after"] for s in summaries]),
+                        "ood": mean_sd([s[-1]["ood_accuracy_after"] for s in summaries]),
+                        "before": mean_sd([s[0]["accuracy_before"] for s in summaries]),
+                        "seconds": mean_sd([r.seconds() for r in done]), "n": len(done),
+                        "peak": max((c["peak_mem_gb"] for s in summaries for c in s), default=None)}
+    lines = ["| run | n | ID after | OOD after | vs | ID difference | OOD difference | ID before | s / run | peak GB "
+             "| command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, _, *versus in rows:
         s, v = stats[label], stats[versus[0]] if versus else None
         command = " then ".join(f"`python {c}`" for c in commands_of(label))
+        peak = "-" if s["peak"] is None else f"{s['peak']:.2f}"
         lines.append(f"| {label} | {s['n']} | {shown(s['id'])} | {shown(s['ood'])} | {versus[0] if versus else ''} "
                      f"| {difference(s['id'], v['id']) if v else ''} | {difference(s['ood'], v['ood']) if v else ''} "
-                     f"| {shown(s['before'])} | {shown(s['seconds'], 0)} | {command} |")
+                     f"| {shown(s['before'])} | {shown(s['seconds'], 0)} "
+                     f"| {peak} | {command} |")
     return lines
 
 
@@ -222,8 +226,9 @@ def series(run, key):
     points = {m["step"]: m[key] for m in run.metrics() if key in m}
     if key.startswith("eval/"):
         name = key.split("/")[1]
-        last = run.summary(-1)
-        points.update({0: run.summary(0)[f"{name}_before"], last["steps"]: last[f"{name}_after"]})
+        summaries = run.summaries()
+        first, last = summaries[0], summaries[-1]
+        points.update({0: first[f"{name}_before"], last["steps"]: last[f"{name}_after"]})
     return points
 
 
@@ -236,7 +241,7 @@ def figures(out, done_runs):
     for file, (title, panels) in FIGURES.items():
         cols = min(len(panels), 3)
         nrows = -(-len(panels) // cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows + 0.8), squeeze=False)
+        fig, axes = plt.subplots(nrows, cols, figsize=(max(5 * cols, 7), 3.4 * nrows + 0.8), squeeze=False)
         drawn = 0
         for ax, (panel, ylabel, lines) in zip(axes.flat, panels):
             for legend, label, key in lines:
@@ -299,7 +304,7 @@ def main(argv=None):
             " Accuracy: greedy, share of 500 held-out problems right, in distribution (ID) and out of distribution"
             " (OOD). Each cell: mean +- sample sd over the n seeds (1, 2, ...). A difference to the row named in"
             " `vs` is called one (beyond sd) only where the two mean +- sd intervals do not overlap. s / run: wall"
-            " seconds of the whole run (loading, evaluations, saving) on the machine that ran it.", ""]
+            " seconds of the whole run (loading, every evaluation, saving); peak GB: the highest peak memory of any seed; all on the machine that ran them.", ""]
     for name in names:
         caption, experiment_rows = EXPERIMENTS[name]
         text += [f"## {name}", "", caption + ".", "",
