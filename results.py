@@ -1,7 +1,7 @@
 """Every experiment of the README on the tiny world, over several seeds: tables and figures.
 
 Run:
-  python results.py                        # every experiment, seeds 1-3: about an hour on a 2-core CPU
+  python results.py                        # every experiment, seeds 1-3: 76 minutes on a 2-core CPU
   python results.py --only dppo --only tropd
   python results.py --seeds 1 --steps 2    # a smoke test: every command 2 steps long
 
@@ -18,8 +18,8 @@ log.txt; a failed command prints its last lines and the rest go on.
 
 Writes results/results.md: per experiment, per row, the mean +- sample sd over the seeds of the
 greedy accuracy after training (ID and OOD), n, the difference to the row it is compared with, the
-accuracy before, the wall seconds of a run, the peak memory, and the exact commands. A difference is called one only
-where the two rows' mean +- sd intervals do not overlap. With matplotlib installed (optional, used
+accuracy before, the wall seconds of a run, the peak memory, and the exact commands. A difference is
+called one only where the two rows' mean +- sd intervals do not overlap. With matplotlib installed (optional, used
 only here) also the PNG figures of FIGURES; without it the tables are still written.
 """
 
@@ -131,13 +131,11 @@ class Run:
 
     def summaries(self):
         """The summary.json of each command, in order."""
-        outs = [shlex.split(c) for c in self.commands]
-        return [json.loads((ROOT / words[words.index("--out") + 1] / "summary.json").read_text()) for words in outs]
+        return [json.loads((out_of(c) / "summary.json").read_text()) for c in self.commands]
 
     def metrics(self):
-        words = shlex.split(self.commands[-1])
-        path = ROOT / words[words.index("--out") + 1] / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        """The last command's metrics.jsonl."""
+        return [json.loads(line) for line in (out_of(self.commands[-1]) / "metrics.jsonl").read_text().splitlines()]
 
     def seconds(self):
         return json.loads((self.folder / "run.json").read_text())["seconds"]
@@ -162,10 +160,15 @@ class Run:
         return True
 
 
+def out_of(command):
+    words = shlex.split(command)
+    return ROOT / words[words.index("--out") + 1]
+
+
 def make_run(label, commands, seed, runs_dir, extra):
     folder = runs_dir / folder_name(label) / f"seed{seed}"
-    shown = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
-    filled = [c.format(out=shown) + f" --seed {seed}" + ("" if "--out" in c.split() else f" --out {shown}") + extra
+    out = str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)
+    filled = [c.format(out=out) + f" --seed {seed}" + ("" if "--out" in c.split() else f" --out {out}") + extra
               for c in commands]
     return Run(label, seed, folder, filled)
 
