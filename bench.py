@@ -250,7 +250,7 @@ def ppo_recipe(s):
         with torch.no_grad():
             ref = logprobs(reference, r)
             state["values"] = ppo.critic_values(critic, r)
-        rewards = ppo.token_rewards(s.rewards().view(-1), r["logprobs"], ref, mask, 0.05)
+        rewards = ppo.token_rewards(s.rewards().view(-1), r["logp"], ref, mask, 0.05)
         advantages, state["returns"] = ppo.gae(rewards, state["values"], mask, 1.0, 0.95)
         state["advantages"] = ppo.whiten(advantages, mask, s.d)
 
@@ -258,7 +258,7 @@ def ppo_recipe(s):
         r = state["rollout"]
         mask = r["response_mask"]
         out = model(r["input_ids"], r["attention_mask"], r["prompt_width"], entropy=True)
-        loss = (ppo.policy_loss(out["logp"], r["logprobs"], state["advantages"], mask, 0.2)
+        loss = (ppo.policy_loss(out["logp"], r["logp"], state["advantages"], mask, 0.2)
                 + ppo.value_loss(ppo.critic_values(critic, r), state["values"], state["returns"], mask, 0.2))
         s.step(loss, optimizer, model, critic)
     return {"generation": generate, "scoring": score, "update": update}, [model, critic]
@@ -279,8 +279,8 @@ def dppo_recipe(s):
     def update(state):
         r, advantages = state["rollout"], state["advantages"]
         logp = model(r["input_ids"], r["attention_mask"], r["prompt_width"], entropy=True)["logp"]
-        trust = dppo.dppo_mask(logp, r["logprobs"], advantages, dppo.binary_divergence(logp, r["logprobs"], "tv"), 0.15)
-        s.step(dppo.dppo_loss(logp, r["logprobs"], advantages, trust, r["response_mask"]), optimizer, model)
+        trust = dppo.dppo_mask(logp, r["logp"], advantages, dppo.binary_divergence(logp, r["logp"], "tv"), 0.15)
+        s.step(dppo.dppo_loss(logp, r["logp"], advantages, trust, r["response_mask"]), optimizer, model)
     return {"generation": generate, "scoring": score, "update": update}, [model]
 
 
@@ -299,7 +299,7 @@ def dypo_recipe(s):
     def update(state):
         r, shape = state["rollout"], (s.B // s.G, s.G, -1)
         logp = logprobs(model, r)
-        loss, _ = dypo.dypo_loss(logp.view(shape), r["logprobs"].view(shape), r["response_mask"].view(shape),
+        loss, _ = dypo.dypo_loss(logp.view(shape), r["logp"].view(shape), r["response_mask"].view(shape),
                                  state["ref"], s.rewards(), logp[:0], r["response_mask"][:0],
                                  alpha=0.5, beta_gal=1.0, sft_weight=1.0, clip_eps=0.2)
         s.step(loss / len(state["ref"]), optimizer, model)
@@ -318,11 +318,11 @@ def opd_recipe(s):
         r = state["rollout"]
         with torch.no_grad():
             teacher_logp = logprobs(teacher, r)
-        state["advantages"] = opd.opd_advantage(r["logprobs"], teacher_logp) * r["response_mask"]
+        state["advantages"] = opd.opd_advantage(r["logp"], teacher_logp) * r["response_mask"]
 
     def update(state):
         r = state["rollout"]
-        loss = opd.opd_loss(logprobs(model, r), r["logprobs"], state["advantages"], r["response_mask"])
+        loss = opd.opd_loss(logprobs(model, r), r["logp"], state["advantages"], r["response_mask"])
         s.step(loss, optimizer, model)
     return {"generation": generate, "scoring": score, "update": update}, [model]
 
@@ -338,12 +338,12 @@ def opd_plus_recipe(s):
     def score(state):
         r = state["rollout"]
         with torch.no_grad():
-            log_u = (logprobs(teacher, r) - r["logprobs"]).clamp(-6.0, 6.0)
+            log_u = (logprobs(teacher, r) - r["logp"]).clamp(-6.0, 6.0)
         state["advantages"] = opd_plus.f_advantage(log_u, "jsd") * r["response_mask"]
 
     def update(state):
         r = state["rollout"]
-        loss = opd_plus.opd_loss(logprobs(model, r), r["logprobs"], state["advantages"], r["response_mask"])
+        loss = opd_plus.opd_loss(logprobs(model, r), r["logp"], state["advantages"], r["response_mask"])
         s.step(loss, optimizer, model)
     return {"generation": generate, "scoring": score, "update": update}, [model]
 
@@ -361,14 +361,14 @@ def tropd_recipe(s):
         r = state["rollout"]
         with torch.no_grad():
             state["teacher"] = teacher(r["input_ids"], r["attention_mask"], r["prompt_width"], topk=top_k)
-        state["trusted"] = tropd.trust_mask(state["teacher"]["logp"], r["logprobs"], generator=s.g) * r["response_mask"]
+        state["trusted"] = tropd.trust_mask(state["teacher"]["logp"], r["logp"], generator=s.g) * r["response_mask"]
 
     def update(state):
         r, t, mask = state["rollout"], state["teacher"], state["rollout"]["response_mask"]
         student = model(r["input_ids"], r["attention_mask"], r["prompt_width"], gather=t["topk_ids"])
         outlier = tropd.topk_forward_kl(t["topk_logp"], student["gather_logp"])
-        advantages = tropd.tropd_advantage(t["logp"], r["logprobs"], state["trusted"], outlier, "fkl", -2.0) * mask
-        loss = tropd.tropd_loss(student["logp"], r["logprobs"], advantages, mask, torch.zeros_like(mask), 0.001)
+        advantages = tropd.tropd_advantage(t["logp"], r["logp"], state["trusted"], outlier, "fkl", -2.0) * mask
+        loss = tropd.tropd_loss(student["logp"], r["logp"], advantages, mask, torch.zeros_like(mask), 0.001)
         s.step(loss, optimizer, model)
     return {"generation": generate, "scoring": score, "update": update}, [model]
 

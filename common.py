@@ -4,9 +4,10 @@ Contents, in the order a training script uses them:
   arguments      parse_args(Args): an argparse CLI from a dataclass, help from field docstrings
   errors         UserError + run(main): one clear line and exit 1 instead of a stack trace
   distributed    init_distributed(gpus): --gpus N spawns N processes; torchrun works as-is
-  models         load_model / load_tokenizer, LogprobModel, shard_model, save_checkpoint
+  models         load_model / load_tokenizer, shard_model, save_checkpoint, memory (free_memory, peak_mem_gb)
+  log-probs      logprobs(): per-token log-probs without a full fp32 (B, T, V) tensor (LogprobModel's
+                 chunked head), beside reference_logprobs(), the plain log_softmax of the model's logits
   data           read_jsonl, encode, batches: TRL field names, chat template, left/right padding
-  log-probs      LogprobModel.forward: per-token log-probs without a full fp32 (B, T, V) tensor
   sampling       sample(): batched KV-cache sampling returning ids, masks and log-probs
   rewards        extract_answer / reward: a response's last \\boxed{}, number after ####, or last number
   evaluation     evaluate(), evaluate_splits(): greedy accuracy and truncated share on the test splits
@@ -14,7 +15,7 @@ Contents, in the order a training script uses them:
   training state Checkpointer: --save-every, --resume and SIGTERM; the full state in <out>/state
 
 Sequence layout used everywhere: a batch row is [left-padded prompt | right-padded response], so
-every response starts at column P (`prompt_width`). Response tensors are (B, R) with R = T - P.
+every response starts at column W = `prompt_width`. Response tensors are (B, R) with R = T - W.
 """
 
 import argparse
@@ -35,8 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,29 +64,15 @@ def _field_docs(cls):
     return docs
 
 
-# The allowed values of every numeric flag, by field name: most flags mean the same in every
-# script. An Args class overrides an entry where its own meaning differs (a class attribute
-# `ranges`, e.g. group_size >= 2 where a group's responses are compared). Every value must also
-# be finite (argparse's float() accepts "nan" and "inf").
+# The allowed values of the numeric flags every script shares (the plumbing). Each Args class
+# declares its own method's flags, and overrides an entry where its meaning differs, in a class
+# attribute `ranges` (e.g. group_size >= 2 where a group's responses are compared). Every value must
+# also be finite (argparse's float() accepts "nan" and "inf").
 RANGES = {
-    # length of the run
-    "steps": ">= 1", "epochs": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0", "eval_every": ">= 0",
-    "guide_steps": ">= 0",
-    # batches
-    "batch_size": ">= 1", "micro_batch_size": ">= 1", "prompts_per_step": ">= 1", "group_size": ">= 1",
-    "minibatches": ">= 1",
-    # lengths, in tokens
-    "max_new_tokens": ">= 1", "max_prompt_length": ">= 0", "topk": ">= 1", "top_k": ">= 1",
-    # optimisation
-    "lr": "> 0", "critic_lr": "> 0", "weight_decay": ">= 0", "max_grad_norm": "> 0",
-    # sampling and the losses' coefficients
-    "temperature": "> 0", "beta": "> 0", "beta_gal": "> 0", "kl_coef": ">= 0", "alpha": "[0, 1]",
-    "sft_weight": ">= 0", "prefix_beta": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
-    # clips and trust regions
-    "clip_eps": ">= 0", "clip_low": "[0, 1]", "clip_high": ">= 0", "value_clip": ">= 0", "delta": ">= 0",
-    "log_u_clip": "> 0", "clip_tau": "<= 0",
-    # processes and seeds
-    "gpus": ">= 1", "seed": "[0, 4294967295]",
+    "steps": ">= 1", "epochs": ">= 1", "minibatches": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0",
+    "eval_every": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "prompts_per_step": ">= 1",
+    "group_size": ">= 1", "max_new_tokens": ">= 1", "max_prompt_length": ">= 0", "lr": "> 0",
+    "weight_decay": ">= 0", "max_grad_norm": "> 0", "temperature": "> 0", "gpus": ">= 1", "seed": "[0, 4294967295]",
 }
 
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -114,24 +102,30 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(cls, argv=None):
     """Build an argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as
-    `--flag/--no-flag`, help text from the docstring under each field. Then check, before anything
-    is loaded: every numeric value against its range (`flag_ranges`), and the paths (`check_paths`)."""
+    `--flag/--no-flag`, a `Literal[...]` field as a choice, help text from the docstring under each
+    field; an older spelling of a flag still works where `cls.aliases` names it ({field: "--old"}).
+    Then check, before anything is loaded: every numeric value against its range (`flag_ranges`),
+    and the paths (`check_paths`)."""
     parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, allowed = _field_docs(cls), flag_ranges(cls)
+    docs, allowed, aliases = _field_docs(cls), flag_ranges(cls), getattr(cls, "aliases", {})
+    choices = {f.name: typing.get_args(f.type) for f in dataclasses.fields(cls) if typing.get_origin(f.type) is typing.Literal}
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+        flags = ["--" + f.name.replace("_", "-"), *([aliases[f.name]] if f.name in aliases else [])]
+        if type(f.default) is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=f.default, help=docs.get(f.name, ""))
         else:
-            extra = f" (allowed: {allowed[f.name]})" if f.name in allowed else ""
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=docs.get(f.name, "") + extra)
+            extra = f" (allowed: {allowed.get(f.name) or ', '.join(choices[f.name])})" if f.name in {**allowed, **choices} else ""
+            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default,
+                                help=docs.get(f.name, "") + extra)
     args = cls(**vars(parser.parse_args(argv)))
     for f in dataclasses.fields(cls):
-        if type(getattr(args, f.name)) is not type(f.default):  # argparse turns `--steps=--` into []
-            raise UserError(f"--{f.name.replace('_', '-')} needs a value, got {getattr(args, f.name)!r}")
+        flag, value = "--" + f.name.replace("_", "-"), getattr(args, f.name)
+        if type(value) is not type(f.default):  # argparse turns `--steps=--` into []
+            raise UserError(f"{flag} needs a value, got {value!r}")
+        if f.name in choices and value not in choices[f.name]:
+            raise UserError(f"{flag} must be one of {', '.join(choices[f.name])}, not '{value}'")
     for name, spec in allowed.items():
         value = getattr(args, name)
         if not in_range(value, spec):
@@ -324,83 +318,6 @@ def load_tokenizer(path):
     return tok
 
 
-class LogprobModel(nn.Module):
-    """A Hugging Face causal LM whose forward returns the log-probs of the response tokens only.
-
-    Why a wrapper: the log-probs are computed from the final hidden states a chunk of rows at a
-    time, each chunk under activation checkpointing, so neither the forward nor the backward ever
-    holds more than one chunk's fp32 (rows, vocab) logits; and under FSDP2 this module is the root
-    unit, so its forward hooks gather the embedding, final norm and head like any other layer.
-    The head applies the family's final-logit transform (`logit_transform`), so the log-probs are
-    those of the model's own forward; load_model checks this on every model it loads."""
-
-    def __init__(self, lm, chunk_bytes=256 * 2**20):
-        super().__init__()
-        self.lm = lm
-        self.chunk_bytes = chunk_bytes  # fp32 logits held at once
-        self.logit_scale, self.logit_softcap = logit_transform(lm.config)
-
-    def forward(self, input_ids, attention_mask, prompt_width, gather=None, topk=0, entropy=False,
-                **generation_kwargs):
-        """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width.
-        Optional extras, computed from the same logits chunk by chunk and without gradient; when any
-        is asked for, the return value is a dict with `logp` (B, R) and the extras:
-          gather=ids (B, R, K)  -> `gather_logp` (B, R, K): log pi at the given token ids
-          topk=K                -> `topk_ids`, `topk_logp` (B, R, K): the K most likely tokens
-          entropy=True          -> `entropy` (B, R): entropy of pi(. | x, y_<t)
-        With prompt_width=None it is the plain HF forward (logits, KV cache) that sample() steps with:
-        going through this module keeps FSDP2's hooks in charge of gathering the parameters."""
-        if prompt_width is None:
-            with autocast(input_ids.device):
-                return self.lm(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast(input_ids.device):
-            h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids).last_hidden_state  # (B, T, H)
-        h = h[:, prompt_width - 1:-1]                     # (B, R, H): the states that predict y_t
-        targets = input_ids[:, prompt_width:]             # (B, R)
-        head = self.lm.get_output_embeddings()
-        rows = max(1, self.chunk_bytes // (4 * head.weight.shape[0]))
-        N = targets.numel()
-        flat_h, flat_t = h.reshape(N, h.shape[-1]), targets.reshape(N)
-        flat_g = None if gather is None else gather.reshape(N, -1)
-        chunks = []
-        for i in range(0, N, rows):
-            args = (flat_h[i:i + rows], head.weight, head.bias, self.logit_scale, self.logit_softcap,
-                    flat_t[i:i + rows], None if flat_g is None else flat_g[i:i + rows], topk, entropy)
-            chunks.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                          else _head_logprobs(*args))
-        out = {}
-        for name in chunks[0]:
-            x = torch.cat([c[name] for c in chunks])      # (N, ...)
-            out[name] = x.view(*targets.shape, *x.shape[1:])
-        return out if len(out) > 1 else out["logp"]
-
-
-def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
-    """(N, H) hidden states -> {"logp": (N,) log-softmax of the logits softcap(scale * head(h)) at
-    `targets`, in fp32}, plus (when asked for) detached extras: "gather_logp" (N, K) at `gather`,
-    "topk_ids" and "topk_logp" (N, k), "entropy" (N,)."""
-    logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (N, V)
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    lse = logits.logsumexp(-1)                                   # (N,)
-    out = {"logp": logits.gather(-1, targets[:, None]).squeeze(-1) - lse}
-    if gather is None and not topk and not entropy:
-        return out
-    with torch.no_grad():
-        logp = logits.detach() - lse.detach()[:, None]          # (N, V)
-        if gather is not None:
-            out["gather_logp"] = logp.gather(-1, gather)
-        if topk:
-            out["topk_logp"], out["topk_ids"] = logp.topk(topk, -1)
-        if entropy:
-            out["entropy"] = -(logp.exp() * logp).sum(-1)
-    return out
-
-
 BF16_ON_CPU = "POSTTRAIN_BF16_ON_CPU"  # =1: the GPU dtype policy on CPU, so tests exercise it without a GPU
 
 
@@ -412,24 +329,6 @@ def bf16_policy(device):
 def autocast(device):
     """bf16 autocast under the bf16 policy (fp32 master weights, bf16 matmuls); else nothing (fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_policy(device) else nullcontext()
-
-
-# model_type prefix -> the factor its CausalLM multiplies lm_head(h) by (before any soft-cap)
-_LOGIT_SCALE = {
-    "cohere": lambda c: c.logit_scale,             # Cohere, Cohere2
-    "granite": lambda c: 1.0 / c.logits_scaling,   # Granite, GraniteMoe*: logits / logits_scaling
-    "hyperclovax": lambda c: c.logits_scaling,     # the same config name, multiplied
-    "falcon_h1": lambda c: c.lm_head_multiplier,
-}
-
-
-def logit_transform(config):
-    """(scale, softcap) with which the model's family turns lm_head(h) into its logits:
-    logits = softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h) when softcap is
-    None. Gemma 2/3 soft-cap (final_logit_softcapping); Granite and Cohere scale."""
-    c = config.get_text_config()
-    scale = next((f(c) for prefix, f in _LOGIT_SCALE.items() if c.model_type.startswith(prefix)), None)
-    return float(1.0 if scale is None else scale), getattr(c, "final_logit_softcapping", None)
 
 
 def _without_dropout(config):
@@ -473,37 +372,6 @@ def load_model(path, d, trainable=True):
         model.requires_grad_(False).eval()
     _probe_logprobs(model, d.device)
     return model
-
-
-@torch.no_grad()
-def _probe_logprobs(model, device):
-    """Stop, naming the family, if the chunked head's log-probs differ from log_softmax of the model's
-    own logits on a short left-padded batch (a logit transform this file does not know, a decoder
-    whose output is not what the head reads, ...). Tolerance: 1e-3 nats in fp32; 0.25 in bf16, whose
-    rounding of logits near a soft-cap of 30 alone reaches about 0.1, far below a missing transform."""
-    kind = model.lm.config.model_type
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(model.lm.config.get_text_config().vocab_size, (2, 12), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0                                                       # row 1 left-padded
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    was_training = model.training
-    model.train()  # the mode the trained model is scored in
-    try:
-        ours = model(ids, mask, 6)                                        # (2, 6)
-        logits = model(ids, mask, None, position_ids=position_ids).logits.float()  # (2, 12, V)
-    except (AttributeError, TypeError) as e:
-        raise UserError(f"model family '{kind}': its decoder cannot be scored token by token here "
-                        f"({type(e).__name__}: {e})") from None
-    finally:
-        model.train(was_training)
-    theirs = logits.log_softmax(-1)[:, 5:-1].gather(-1, ids[:, 6:, None]).squeeze(-1)
-    gap = (ours - theirs).abs().max().item()
-    if not gap <= (0.25 if bf16_policy(device) else 1e-3):
-        scale, softcap = model.logit_scale, model.logit_softcap
-        raise UserError(f"model family '{kind}': per-token log-probs from the chunked head differ from the "
-                        f"model's own forward by {gap:.3g} nats (head applied: scale {scale}, soft-cap {softcap}); "
-                        f"its logits are not what common.logit_transform knows, so every loss would be wrong")
 
 
 def decoder_layers(lm):
@@ -590,6 +458,152 @@ def peak_mem_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- log-probs
+# Per-token log-probs log pi(y_t | x, y_<t) of the response tokens are what every loss reads. The
+# truth is reference_logprobs(): log_softmax of the model's own logits, gathered at the targets. The
+# fast path, logprobs() through LogprobModel, computes the same numbers from the final hidden states
+# a chunk of rows at a time, applying the family's final-logit transform (logit_transform); a probe
+# at load time compares the two on every model loaded, and the tests compare them on 27 families.
+
+# model_type prefix -> the factor its CausalLM multiplies lm_head(h) by (before any soft-cap)
+_LOGIT_SCALE = {
+    "cohere": lambda c: c.logit_scale,             # Cohere, Cohere2
+    "granite": lambda c: 1.0 / c.logits_scaling,   # Granite, GraniteMoe*: logits / logits_scaling
+    "hyperclovax": lambda c: c.logits_scaling,     # the same config name, multiplied
+    "falcon_h1": lambda c: c.lm_head_multiplier,
+}
+
+
+def logit_transform(config):
+    """(scale, softcap) with which the model's family turns lm_head(h) into its logits:
+    logits = softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h) when softcap is
+    None. Gemma 2/3 soft-cap (final_logit_softcapping); Granite and Cohere scale."""
+    c = config.get_text_config()
+    scale = next((f(c) for prefix, f in _LOGIT_SCALE.items() if c.model_type.startswith(prefix)), None)
+    return float(1.0 if scale is None else scale), getattr(c, "final_logit_softcapping", None)
+
+
+class LogprobModel(nn.Module):
+    """A Hugging Face causal LM whose forward returns the log-probs of the response tokens only.
+
+    Why a wrapper: the log-probs are computed from the final hidden states a chunk of rows at a
+    time, each chunk under activation checkpointing, so neither the forward nor the backward ever
+    holds more than one chunk's fp32 (rows, vocab) logits; and under FSDP2 this module is the root
+    unit, so its forward hooks gather the embedding, final norm and head like any other layer.
+    The head applies the family's final-logit transform (`logit_transform`), so the log-probs are
+    those of the model's own forward; load_model checks this on every model it loads."""
+
+    def __init__(self, lm, chunk_bytes=256 * 2**20):
+        super().__init__()
+        self.lm = lm
+        self.chunk_bytes = chunk_bytes  # fp32 logits held at once
+        self.logit_scale, self.logit_softcap = logit_transform(lm.config)
+
+    def forward(self, input_ids, attention_mask, prompt_width, gather=None, topk=0, entropy=False,
+                **generation_kwargs):
+        """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width.
+        Optional extras, computed from the same logits chunk by chunk and without gradient; when any
+        is asked for, the return value is a dict with `logp` (B, R) and the extras:
+          gather=ids (B, R, K)  -> `gather_logp` (B, R, K): log pi at the given token ids
+          topk=K                -> `topk_ids`, `topk_logp` (B, R, K): the K most likely tokens
+          entropy=True          -> `entropy` (B, R): entropy of pi(. | x, y_<t)
+        With prompt_width=None it is the plain HF forward (logits, KV cache) that sample() steps with:
+        going through this module keeps FSDP2's hooks in charge of gathering the parameters."""
+        if prompt_width is None:
+            with autocast(input_ids.device):
+                return self.lm(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast(input_ids.device):
+            h = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids).last_hidden_state  # (B, T, H)
+        h = h[:, prompt_width - 1:-1]                     # (B, R, H): the states that predict y_t
+        targets = input_ids[:, prompt_width:]             # (B, R)
+        head = self.lm.get_output_embeddings()
+        rows = max(1, self.chunk_bytes // (4 * head.weight.shape[0]))
+        N = targets.numel()
+        flat_h, flat_t = h.reshape(N, h.shape[-1]), targets.reshape(N)
+        flat_g = None if gather is None else gather.reshape(N, -1)
+        chunks = []
+        for i in range(0, N, rows):
+            args = (flat_h[i:i + rows], head.weight, head.bias, self.logit_scale, self.logit_softcap,
+                    flat_t[i:i + rows], None if flat_g is None else flat_g[i:i + rows], topk, entropy)
+            chunks.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else _head_logprobs(*args))
+        out = {}
+        for name in chunks[0]:
+            x = torch.cat([c[name] for c in chunks])      # (N, ...)
+            out[name] = x.view(*targets.shape, *x.shape[1:])
+        return out if len(out) > 1 else out["logp"]
+
+
+def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
+    """(N, H) hidden states -> {"logp": (N,) log-softmax of the logits softcap(scale * head(h)) at
+    `targets`, in fp32}, plus (when asked for) detached extras: "gather_logp" (N, K) at `gather`,
+    "topk_ids" and "topk_logp" (N, k), "entropy" (N,)."""
+    logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (N, V)
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = logits.logsumexp(-1)                                   # (N,)
+    out = {"logp": logits.gather(-1, targets[:, None]).squeeze(-1) - lse}
+    if gather is None and not topk and not entropy:
+        return out
+    with torch.no_grad():
+        logp = logits.detach() - lse.detach()[:, None]          # (N, V)
+        if gather is not None:
+            out["gather_logp"] = logp.gather(-1, gather)
+        if topk:
+            out["topk_logp"], out["topk_ids"] = logp.topk(topk, -1)
+        if entropy:
+            out["entropy"] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+def logprobs(model, batch):
+    """(B, R) per-token log-probs of the batch's response tokens under `model` (a LogprobModel),
+    zero on padding: the chunked head, with gradient when it is enabled."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
+
+
+def reference_logprobs(model, batch):
+    """The same (B, R) log-probs, the plain way: log_softmax over the full (B, T, V) logits of the
+    model's own forward, gathered at the response tokens. Simple and exact, and too big for real
+    vocabularies and lengths: the probe and the tests use it, the methods use logprobs()."""
+    ids, mask, W = batch["input_ids"], batch["attention_mask"], batch["prompt_width"]
+    logits = model(ids, mask, None, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()  # (B, T, V)
+    logp = logits[:, W - 1:-1].log_softmax(-1).gather(-1, ids[:, W:, None]).squeeze(-1)  # (B, R)
+    return logp * batch["response_mask"]
+
+
+@torch.no_grad()
+def _probe_logprobs(model, device):
+    """Stop, naming the family, if logprobs() differs from reference_logprobs() on a short left-padded
+    batch (a logit transform this file does not know, a decoder whose output is not what the head
+    reads, ...). Tolerance: 1e-3 nats in fp32; 0.25 in bf16, whose rounding of logits near a soft-cap
+    of 30 alone reaches about 0.1, far below a missing transform."""
+    kind = model.lm.config.model_type
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.lm.config.get_text_config().vocab_size, (2, 12), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0                                                       # row 1 left-padded
+    batch = dict(input_ids=ids, attention_mask=mask, prompt_width=6, response_mask=torch.ones(2, 6, device=device))
+    was_training = model.training
+    model.train()  # the mode the trained model is scored in
+    try:
+        gap = (logprobs(model, batch) - reference_logprobs(model, batch)).abs().max().item()
+    except (AttributeError, TypeError) as e:
+        raise UserError(f"model family '{kind}': its decoder cannot be scored token by token here "
+                        f"({type(e).__name__}: {e})") from None
+    finally:
+        model.train(was_training)
+    if not gap <= (0.25 if bf16_policy(device) else 1e-3):
+        scale, softcap = model.logit_scale, model.logit_softcap
+        raise UserError(f"model family '{kind}': per-token log-probs from the chunked head differ from the "
+                        f"model's own forward by {gap:.3g} nats (head applied: scale {scale}, soft-cap {softcap}); "
+                        f"its logits are not what common.logit_transform knows, so every loss would be wrong")
 
 
 # ----------------------------------------------------------------------------- data
@@ -806,21 +820,16 @@ def fit_context(rows, tokenizer, args, cut=(), reserve=0):
 
 def pad_batch(prompts, responses, pad_id, device):
     """Lists of prompt / response id lists -> dict of (B, T) input_ids and attention_mask, (B, R)
-    response_mask, and prompt_width P: prompts left-padded to P, responses right-padded to R."""
-    P = max(map(len, prompts))
+    response_mask, and prompt_width W: prompts left-padded to W, responses right-padded to R."""
+    W = max(map(len, prompts))
     R = max(map(len, responses))
-    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+    ids = torch.full((len(prompts), W + R), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
-        mask[i, P - len(p):P + len(r)] = 1
+        ids[i, W - len(p):W + len(r)] = torch.tensor(p + r)
+        mask[i, W - len(p):W + len(r)] = 1
     return dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                response_mask=mask[:, P:].float().to(device), prompt_width=P)
-
-
-def logprobs(model, batch):
-    """(B, R) per-token log-probs of the batch's response tokens under `model` (zero on padding)."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
+                response_mask=mask[:, W:].float().to(device), prompt_width=W)
 
 
 def select_rows(batch, rows):
@@ -843,32 +852,17 @@ def micro_batches(items, size):
 
 # ----------------------------------------------------------------------------- sampling
 
-@contextmanager
-def rounded_weights(model, dtype):
-    """Within the block, the model's weights hold their values rounded to `dtype` (in their own
-    dtype); after it, their exact values again. A sampler that differs from the learner, as a bf16
-    inference engine's copy of an fp32 policy does."""
-    exact = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(dtype))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in zip(model.parameters(), exact):
-                p.copy_(value)
-
-
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0):
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
-    Returns the pad_batch dict for [prompt | response] plus `logprobs` (B, R): the log-prob of each
+    Returns the pad_batch dict for [prompt | response] plus `logp` (B, R): the log-prob of each
     sampled token under the sampling distribution (logits / temperature), recorded as it is drawn;
     `truncated` (B,) bool: the response hit max_new_tokens without EOS;
-    with topk=K also `topk_ids`, `topk_logprobs` (B, R, K): that distribution's K most likely tokens.
+    with topk=K also `topk_ids`, `topk_logp` (B, R, K): that distribution's K most likely tokens.
     Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # the KV cache's argument: `cache` from transformers 5.24 (`past_key_values` warns there), before it the old name
+    cache = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
     was_training = model.training
     model.eval()  # (HF turns the KV cache off in training mode under gradient checkpointing)
     batch = pad_batch(prompts, [[]] * len(prompts), pad, d.device)
@@ -890,17 +884,16 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         pos = pos[:, -1:] + 1
-        out = model(tokens[-1][:, None], mask, None, position_ids=pos, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(tokens[-1][:, None], mask, None, position_ids=pos, use_cache=True, **{cache: out[cache]})
     model.train(was_training)
     response = torch.stack(tokens, 1)                                      # (B, R)
     response_mask = torch.stack(valid, 1).float()                          # (B, R)
     out = dict(input_ids=torch.cat([ids, response], 1),
                attention_mask=torch.cat([batch["attention_mask"], response_mask.long()], 1),
-               response_mask=response_mask, prompt_width=ids.shape[1], logprobs=torch.stack(logps, 1),
+               response_mask=response_mask, prompt_width=ids.shape[1], logp=torch.stack(logps, 1),
                truncated=~done)
     if topk:
-        out["topk_logprobs"] = torch.stack([t.values for t in top], 1)  # (B, R, K)
+        out["topk_logp"] = torch.stack([t.values for t in top], 1)      # (B, R, K)
         out["topk_ids"] = torch.stack([t.indices for t in top], 1)      # (B, R, K)
     return out
 
@@ -1001,13 +994,11 @@ def evaluate_splits(model, tokenizer, args, d):
 # ----------------------------------------------------------------------------- logging
 
 class Logger:
-    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl.
-    `evaluate` (no arguments -> an evaluate_splits() dict) scores the model before and after
-    training, and every --eval-every steps into the step's line as eval/accuracy, eval/ood_accuracy."""
+    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; the
+    evaluations (evaluate_splits() scores) printed, and those of a step added to its line."""
 
-    def __init__(self, out, d, total_steps, args, evaluate):
+    def __init__(self, out, d, total_steps, args):
         self.d, self.out, self.max_new_tokens = d, Path(out), args.max_new_tokens
-        self.score, self.eval_every, self.scored = evaluate, args.eval_every, None
         self.warned_truncation = False
         self.bar = tqdm(total=total_steps, disable=not d.main, dynamic_ncols=True)
         if d.main:
@@ -1041,17 +1032,12 @@ class Logger:
         self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
         self.warn_truncation(max(scores["truncated"], scores["ood_truncated"]), "the greedy evaluation responses")
 
-    def evaluate(self):
-        """The scores of the model as it is now: those of the last logged step if it was scored there."""
-        return self.scored or self.score()
-
-    def log(self, step, metrics):
-        self.scored = None  # the model has changed since the last scores
-        if self.eval_every and step % self.eval_every == 0:  # every process takes its share of the problems
-            self.scored = self.score()
-            self.evaluation(f"step {step}", self.scored)
-            metrics = {**metrics, "eval/accuracy": self.scored["accuracy"],
-                       "eval/ood_accuracy": self.scored["ood_accuracy"]}
+    def log(self, step, metrics, scores=None):
+        """Write step `step`'s metrics; `scores` (evaluate_splits(), when the step was scored) are
+        printed and added to the line as eval/accuracy and eval/ood_accuracy."""
+        if scores is not None:
+            self.evaluation(f"step {step}", scores)
+            metrics = {**metrics, "eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
         if not self.d.main:
             return
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
@@ -1123,10 +1109,11 @@ class Checkpointer:
     JSON, and torch.load(weights_only=True) for the RNG tensors. The model for from_pretrained is
     still written to <out>/model, after the state.
 
-    Used by every method file in the same four places: created after the scheduler (on --resume it
-    checks here that the state in --out comes from the same command), `remember` around the
-    evaluations before training, `start_step = resume(log)` before the loop, which then skips the
-    steps done, and `maybe_save(step)` at the end of each step."""
+    Used by every method file in the same places: created after the scheduler (on --resume it checks
+    here that the state in --out comes from the same command), `remember` around the evaluations
+    before training, `start_step = resume(log)` before the loop, which then skips the steps done,
+    and at the end of each step `save(step)` every --save-every steps or after a SIGTERM
+    (`sigterm()`), which then `exit(step)`s."""
 
     def __init__(self, args, d, tokenizer, model, optimizer, scheduler, **carried):
         """`carried`: what else the loop needs to continue exactly, by name: another trained module
@@ -1272,22 +1259,22 @@ class Checkpointer:
         log.print(f"resumed from {folder} after step {step}")
         return step
 
-    def maybe_save(self, step):
-        """At the end of step `step`: save every --save-every steps. After a SIGTERM to any process,
-        save, print how to continue and exit with status 143 (128 + SIGTERM), on every process."""
-        stop = self.stop_at is not None
-        if self.d.world > 1:  # every process stops after the same step
-            stop = all_max(float(stop), self.d).item() > 0
-        if stop or (self.args.save_every and step % self.args.save_every == 0):
-            self.save(step)
-        if stop:
-            if self.d.main:
-                tqdm.write(f"stopped by SIGTERM after step {step}, state saved in {self.root}: "
-                           f"run the same command with --resume to continue")
-            sys.exit(143)
+    def sigterm(self):
+        """Whether a SIGTERM has reached any process (then every process stops after the same step):
+        the loop saves the state and calls exit()."""
+        stop = float(self.stop_at is not None)
+        return (all_max(stop, self.d).item() if self.d.world > 1 else stop) > 0
+
+    def exit(self, step):
+        """After the state of step `step` is saved on a SIGTERM: say how to continue, exit with 143
+        (128 + SIGTERM) on every process."""
+        if self.d.main:
+            tqdm.write(f"stopped by SIGTERM after step {step}, state saved in {self.root}: "
+                       f"run the same command with --resume to continue")
+        sys.exit(143)
 
     def _on_sigterm(self, signum, frame):
-        """The first SIGTERM asks to stop after the current step (maybe_save); another one more than a
+        """The first SIGTERM asks to stop after the current step (sigterm()); another one more than a
         second later stops at once. (One within a second is the same request, sent both by a
         scheduler that signals every process and by the --gpus launcher that passes it on.)"""
         if self.stop_at is None:

@@ -40,6 +40,8 @@ from common import (WORLD, Logger, all_sum, batches, check_divisible, check_fini
 
 @dataclass
 class Args:
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
+    ranges = {"beta": "> 0"}
     model: str = str(WORLD / "student")
     """causal LM to train (and the reference): a local folder or a Hugging Face hub id"""
     data: str = str(WORLD / "prefs.jsonl")
@@ -88,11 +90,12 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """Eq. 7 per pair. Inputs: summed response log-probs, (B,). Returns (losses, chosen_rewards,
-    rejected_rewards), each (B,) and not reduced; the rewards (Eq. 5) are detached, for logging."""
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)        # (B,)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta):
+    """Eq. 7 per pair. Inputs: sequence log-probs (the sum over a response's tokens), (B,). Returns
+    (losses, chosen_rewards, rejected_rewards), each (B,), one per pair, not reduced (the loop sums
+    them / the step's pair count); the rewards (Eq. 5) are detached, for logging."""
+    chosen_rewards = beta * (chosen_logp - ref_chosen_logp)        # (B,)
+    rejected_rewards = beta * (rejected_logp - ref_rejected_logp)  # (B,)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)               # (B,)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
@@ -106,7 +109,7 @@ def encode_pairs(tokenizer, rows, device):
 
 
 def concatenated_logps(model, batch):
-    """One forward over the 2B rows -> (chosen, rejected) summed response log-probs, each (B,)."""
+    """One forward over the 2B rows -> (chosen, rejected) sequence log-probs, each (B,)."""
     return logprobs(model, batch).sum(-1).chunk(2)
 
 
@@ -124,7 +127,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.batch_size, args.micro_batch_size, "pairs")
     plan = [rank_slice(indices, d) for indices in batches(len(rows), args.batch_size, args.steps, args.seed)]
 
@@ -136,20 +139,20 @@ def main():
                 for mb in micro_batches(mine, args.micro_batch_size)] for mine in plan]
     model.train()
 
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, mine in enumerate(plan[start_step:], start_step + 1):
+        # per-process share of the step's pair count: the gradient all-reduce averages over processes
+        n_pairs = all_sum(len(mine), d).item() / d.world
         sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen reward, rejected reward, accuracy, margin
-        for mb, (ref_chosen, ref_rejected) in zip(micro_batches(mine, args.micro_batch_size), ref[step - 1]):
-            policy_chosen, policy_rejected = concatenated_logps(
+        for mb, (ref_chosen_logp, ref_rejected_logp) in zip(micro_batches(mine, args.micro_batch_size), ref[step - 1]):
+            chosen_logp, rejected_logp = concatenated_logps(
                 model, encode_pairs(tokenizer, [rows[i] for i in mb], d.device))
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta)
-            # sum over this micro-batch / this process's share of the batch: the mean over the global
-            # batch once the gradient all-reduce averages the processes
-            (losses.sum() / len(mine)).backward()
+                chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, args.beta)
+            (losses.sum() / n_pairs).backward()
             sums += torch.stack([losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                                  (chosen_rewards > rejected_rewards).sum(),
                                  (chosen_rewards - rejected_rewards).sum()]).detach().double().cpu()
@@ -159,13 +162,20 @@ def main():
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "rewards/accuracy": accuracy, "rewards/margin": margin,
                        "rewards/chosen": chosen, "rewards/rejected": rejected, "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dpo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))

@@ -56,14 +56,15 @@ Implementation details:
 """
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
                     decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
-                    micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, reward, rounded_weights,
+                    micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, reward, 
                     run, sample, save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule,
                     Checkpointer)
 
@@ -72,7 +73,10 @@ RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference 
 
 @dataclass
 class Args:
-    ranges = {"group_size": ">= 2"}  # (common.RANGES where this file differs) advantages compare a group's responses
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares);
+    # group_size >= 2: advantages compare a group's responses
+    aliases = {"top_k": "--topk"}  # the flag's first spelling still works
+    ranges = {"group_size": ">= 2", "delta": ">= 0", "top_k": ">= 1", "clip_low": "[0, 1]", "clip_high": ">= 0"}
     model: str = str(WORLD / "student")
     """causal LM to train: a local folder or a Hugging Face hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -101,17 +105,17 @@ class Args:
     """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
-    trust_region: str = "dppo"
+    trust_region: Literal["dppo", "clip"] = "dppo"
     """dppo: the divergence mask (Eq. 12); clip: the baseline ratio clip [1 - clip_low, 1 + clip_high]"""
-    rollout_precision: str = "fp32"
+    rollout_precision: Literal["fp32", "bf16"] = "fp32"
     """fp32: rollouts from the policy itself; bf16: from a copy with its weights rounded to bf16 (a sampler
     that differs from the learner, as a bf16 inference engine's does)"""
-    divergence: str = "binary_tv"
+    divergence: Literal["binary_tv", "binary_kl", "topk_tv", "topk_kl"] = "binary_tv"
     """DPPO's divergence estimate: binary_tv, binary_kl, topk_tv or topk_kl"""
     delta: float = 0.0
     """DPPO's divergence threshold (0: the paper's, 0.15 for TV and 0.05 for KL)"""
-    topk: int = 20
-    """K of the Top-K divergences: the rollout records mu's K most likely tokens"""
+    top_k: int = 20
+    """K of the Top-K divergences: the rollout records mu's K most likely tokens (also --topk)"""
     clip_low: float = 0.2
     """baseline: the ratio is clipped from below at 1 - clip_low"""
     clip_high: float = 0.28
@@ -197,12 +201,29 @@ def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None
     return (losses * response_mask).sum() / (response_mask.sum() if n_tokens is None else n_tokens)
 
 
-def clip_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n_tokens=None):
+def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_tokens=None):
     """The baseline, PPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
     token mean of max(-A r, -A clip(r)). All inputs (B, T); mask 1 on valid tokens."""
-    ratio = torch.exp((logprobs - old_logprobs) * mask)                        # (B, T)
+    ratio = torch.exp((logp - rollout_logp) * mask)                        # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+
+
+@contextmanager
+def rounded_weights(model, dtype):
+    """Within the block, the model's weights hold their values rounded to `dtype` (in their own
+    dtype); after it, their exact values again. A sampler that differs from the learner, as a bf16
+    inference engine's copy of an fp32 policy does."""
+    exact = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), exact):
+                p.copy_(value)
 
 
 # ----------------------------------------------------------------------------- training
@@ -210,12 +231,6 @@ def clip_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, n_t
 def main():
     args = parse_args(Args)
     d = init_distributed(args.gpus)
-    if args.trust_region not in ("dppo", "clip"):
-        raise UserError(f"--trust-region must be dppo or clip, not '{args.trust_region}'")
-    if args.rollout_precision not in ("fp32", "bf16"):
-        raise UserError(f"--rollout-precision must be fp32 or bf16, not '{args.rollout_precision}'")
-    if args.divergence not in ("binary_tv", "binary_kl", "topk_tv", "topk_kl"):
-        raise UserError(f"--divergence must be binary_tv, binary_kl, topk_tv or topk_kl, not '{args.divergence}'")
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
     responses = args.prompts_per_step // d.world * args.group_size  # per process
     if responses % args.minibatches:
@@ -230,17 +245,17 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
     kind = args.divergence.split("_")[1]
     delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
-    topk = min(args.topk, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
+    topk = min(args.top_k, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
 
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
@@ -249,7 +264,7 @@ def main():
                              args.max_new_tokens, args.temperature, topk=topk)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
-        mask, old_logprobs = rollout["response_mask"], rollout["logprobs"]
+        mask, rollout_logp = rollout["response_mask"], rollout["logp"]
         advantages = group_advantages(scores, args.group_size)[:, None] * mask
 
         # several epochs of minibatch updates, one optimizer step per minibatch
@@ -271,18 +286,18 @@ def main():
                         sampled_ids = b["input_ids"][:, b["prompt_width"]:]
                         divergence = topk_divergence(
                             with_sampled_token(out["gather_logp"], out["logp"].detach(), b["topk_ids"], sampled_ids),
-                            with_sampled_token(b["topk_logprobs"], old_logprobs[mb], b["topk_ids"], sampled_ids), kind)
+                            with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind)
                     else:
-                        divergence = binary_divergence(out["logp"], old_logprobs[mb], kind)
+                        divergence = binary_divergence(out["logp"], rollout_logp[mb], kind)
                     divergence = divergence * m
-                    trust = dppo_mask(out["logp"], old_logprobs[mb], adv, divergence, delta)
+                    trust = dppo_mask(out["logp"], rollout_logp[mb], adv, divergence, delta)
                     if args.trust_region == "dppo":
-                        loss = dppo_loss(out["logp"], old_logprobs[mb], adv, trust, m, n_tokens)
+                        loss = dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n_tokens)
                     else:
-                        loss = clip_loss(out["logp"], old_logprobs[mb], adv, m, args.clip_low, args.clip_high, n_tokens)
+                        loss = clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n_tokens)
                     loss.backward()
                     with torch.no_grad():
-                        log_ratio = (out["logp"] - old_logprobs[mb]) * m
+                        log_ratio = (out["logp"] - rollout_logp[mb]) * m
                         ratio = log_ratio.exp()
                         clipped = (ratio > 1 + args.clip_high) & (adv > 0) | (ratio < 1 - args.clip_low) & (adv < 0)
                         losses += loss.double().cpu()
@@ -302,6 +317,9 @@ def main():
         masked_frac, clipfrac, divergence_mean, approx_kl, entropy = (
             all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
         n_responses = args.prompts_per_step * args.group_size
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "policy/masked_frac": masked_frac, "policy/clipfrac": clipfrac,
                        "policy/divergence_mean": divergence_mean,
                        "policy/divergence_max": all_max(divergence_max, d).item(),
@@ -310,11 +328,15 @@ def main():
                        "rollout/response_length": rollout_tokens / n_responses,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), trust_region=args.trust_region,

@@ -57,13 +57,14 @@ import torch.nn.functional as F
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
                     evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
                     pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, UserError,
-                    Checkpointer)
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
 class Args:
-    ranges = {"group_size": ">= 2"}  # (common.RANGES where this file differs) routing compares k samples
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares);
+    # group_size >= 2: routing compares k samples
+    ranges = {"group_size": ">= 2", "alpha": "[0, 1]", "beta_gal": "> 0", "sft_weight": ">= 0", "clip_eps": ">= 0"}
     model: str = str(WORLD / "student")
     """causal LM to train (and the frozen reference of GAL): a local folder or a Hugging Face hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -139,21 +140,23 @@ def grpo_advantages(rewards):
 def grpo_loss(logp, rollout_logp, advantages, mask, clip_eps):
     """Per-group GRPO loss. logp, rollout_logp, mask: (P, k, R); advantages: (P, k). Returns (P,):
     the clipped surrogate -min(rho A, clip(rho, 1-eps, 1+eps) A) averaged over each response's
-    tokens, then over the group's k responses. Also returns the clipped fraction of tokens (P,)."""
+    tokens, then over the group's k responses. Also returns the clipped fraction of tokens (P,): those
+    whose gradient the clip removes (A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps)."""
     ratio = torch.exp(logp - rollout_logp)                                            # (P, k, R)
     A = advantages[..., None]
     surrogate = torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)     # (P, k, R)
     per_response = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)            # (P, k)
-    clipped = ((ratio - 1).abs() > clip_eps).float() * mask
+    # the tokens whose gradient the clip removes (as ppo.py and TRL count them)
+    clipped = ((ratio > 1 + clip_eps) & (A > 0) | (ratio < 1 - clip_eps) & (A < 0)).float() * mask
     return per_response.mean(-1), clipped.sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
 
 
-def gal_loss(logps, ref_logps, rewards, beta):
-    """Group Alignment Loss (Eq. 14): on-policy DPO inside each group. logps (with gradient),
-    ref_logps: (P, k) sequence log-probs; rewards: (P, k) in {0, 1}. Mean over every (success,
+def gal_loss(seq_logp, ref_seq_logp, rewards, beta):
+    """Group Alignment Loss (Eq. 14): on-policy DPO inside each group. seq_logp (with gradient),
+    ref_seq_logp: (P, k) sequence log-probs (the sum over a response's tokens); rewards: (P, k) in {0, 1}. Mean over every (success,
     failure) pair of the same group of -log sigmoid(beta * (margin_s - margin_f)), margin =
     log pi - log pi_ref. Groups without both outcomes have no pairs; no pairs at all gives 0."""
-    margin = logps - ref_logps                                                        # (P, k)
+    margin = seq_logp - ref_seq_logp                                                      # (P, k)
     diff = margin[:, :, None] - margin[:, None, :]                                    # (P, k, k): s row, f column
     pairs = (rewards[:, :, None] > 0.5) & (rewards[:, None, :] < 0.5)                 # (P, k, k)
     losses = -F.logsigmoid(beta * diff)
@@ -165,16 +168,16 @@ def sft_nll(logp, mask):
     return -(logp * mask).sum(-1)
 
 
-def dypo_loss(mid_logp, mid_rollout_logp, mid_mask, mid_ref_logps, mid_rewards, hard_logp, hard_mask,
+def dypo_loss(mid_logp, mid_rollout_logp, mid_mask, mid_ref_seq_logp, mid_rewards, hard_logp, hard_mask,
               alpha, beta_gal, sft_weight, clip_eps):
     """Eq. 4, summed (not averaged) over the Mid and Hard prompts given; Easy prompts add nothing.
-    Mid: mid_logp (with gradient), mid_rollout_logp, mid_mask (M, k, R), mid_ref_logps and
+    Mid: mid_logp (with gradient), mid_rollout_logp, mid_mask (M, k, R), mid_ref_seq_logp and
     mid_rewards (M, k). Hard: hard_logp (with gradient), hard_mask (H, R), one teacher trace each.
     Returns (loss, parts): parts holds detached sums for logging."""
     M = mid_rewards.shape[0]
     grpo, clipfrac = grpo_loss(mid_logp, mid_rollout_logp, grpo_advantages(mid_rewards), mid_mask, clip_eps)  # (M,)
     seq = mid_logp.sum(-1)                                                            # (M, k)
-    gal = torch.stack([gal_loss(seq[j:j + 1], mid_ref_logps[j:j + 1], mid_rewards[j:j + 1], beta_gal)
+    gal = torch.stack([gal_loss(seq[j:j + 1], mid_ref_seq_logp[j:j + 1], mid_rewards[j:j + 1], beta_gal)
                        for j in range(M)]) if M else seq.new_zeros(0)                # (M,) one mean per group
     nll = sft_nll(hard_logp, hard_mask)                                               # (H,)
     loss = (alpha * grpo + (1 - alpha) * gal).sum() + sft_weight * nll.sum()
@@ -208,15 +211,15 @@ def main():
     no_teacher_total = torch.zeros((), dtype=torch.long)  # Hard prompts skipped so far (updated in place)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, teacher_draws=teacher_draws,
                         no_teacher_total=no_teacher_total)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
 
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
     k = args.group_size
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         u = rank_slice(torch.rand(args.prompts_per_step, generator=teacher_draws).tolist(), d)
         mine = [rows[i] for i in rank_slice(indices, d)]
@@ -229,13 +232,15 @@ def main():
         rewards = torch.tensor([reward(t, r["answer"]) for t, r in zip(texts, [r for r in mine for _ in range(k)])],
                                device=d.device).view(-1, k)                            # (P, k)
         hard, mid = route(rewards)
-        P0 = rollout["prompt_width"]
-        responses = [ids[m.bool()].tolist() for ids, m in zip(rollout["input_ids"][:, P0:], rollout["response_mask"])]
+        W = rollout["prompt_width"]
+        responses = [ids[m.bool()].tolist() for ids, m in zip(rollout["input_ids"][:, W:], rollout["response_mask"])]
         traces = [teacher_trace(r, x) for r, x in zip(mine, u)]
         no_teacher = int((hard & torch.tensor([t is None for t in traces], device=d.device)).sum())
 
         # 2. one objective (Eq. 4), one backward per micro-batch: the Mid prompts' k responses and the
-        #    Hard prompts' teacher traces in one forward; sum over prompts / this process's share
+        #    Hard prompts' teacher traces in one forward; the sum over prompts / n_prompts, this process's
+        #    share of the step's prompt count (the gradient all-reduce averages over processes)
+        n_prompts = all_sum(len(mine), d).item() / d.world
         stats = Counter()
         for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
             mids = [q for q in mb if mid[q]]
@@ -249,14 +254,14 @@ def main():
             batch = pad_batch(train_prompts, train_responses, tokenizer.pad_token_id, d.device)
             n, R = len(rollout_rows), batch["response_mask"].shape[1]
             logp, mask = logprobs(model, batch), batch["response_mask"]              # (rows, R)
-            rollout_logp = F.pad(rollout["logprobs"][rollout_rows], (0, R - rollout["logprobs"].shape[1]))  # (n, R)
+            rollout_logp = F.pad(rollout["logp"][rollout_rows], (0, R - rollout["logp"].shape[1]))  # (n, R)
             with torch.no_grad():  # pi_ref of GAL scores the Mid responses
-                ref_logps = logprobs(reference, select_rows(batch, slice(0, n))) if n else logp.new_zeros(0, R)
+                ref_logp = logprobs(reference, select_rows(batch, slice(0, n))) if n else logp.new_zeros(0, R)
             shape = (len(mids), k, R)
             loss, parts = dypo_loss(logp[:n].view(shape), rollout_logp.view(shape), mask[:n].view(shape),
-                                    ref_logps.sum(-1).view(len(mids), k), rewards[mids], logp[n:n + len(hards)],
+                                    ref_logp.sum(-1).view(len(mids), k), rewards[mids], logp[n:n + len(hards)],
                                     mask[n:n + len(hards)], args.alpha, args.beta_gal, args.sft_weight, args.clip_eps)
-            loss = weight * loss / len(mine)
+            loss = weight * loss / n_prompts
             loss.backward()
             stats.update(parts, loss=loss.item(), hard_trained=len(hards), trained=len(mids) + len(hards))
         stats.update(hard=hard.sum().item(), mid=mid.sum().item(), reward=rewards.mean().item(),
@@ -278,6 +283,9 @@ def main():
                       f"and are skipped (counted in data/hard_without_teacher)")
         no_teacher_total += int(totals["no_teacher"])
         P, n_mid = args.prompts_per_step, max(totals["mid"], 1)
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "route/hard": totals["hard"] / P, "route/mid": totals["mid"] / P,
                        "route/easy": 1 - (totals["hard"] + totals["mid"]) / P,
                        "rollout/reward_mean": totals["reward"] / d.world,
@@ -287,11 +295,15 @@ def main():
                        "policy/clipfrac": totals["clipfrac"] / n_mid, "gal/loss": totals["gal"] / max(totals["pairs"], 1),
                        "gal/pairs": totals["pairs"], "data/hard_without_teacher": no_teacher_total,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=int(no_teacher_total))

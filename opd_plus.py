@@ -52,18 +52,20 @@ Implementation details:
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, check_same_tokenizer, clip_grad,
                     decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed, load_model,
                     load_tokenizer, logprobs, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, UserError,
-                    Checkpointer)
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
 class Args:
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
+    ranges = {"log_u_clip": "> 0"}
     model: str = str(WORLD / "student")
     """student causal LM to train: a local folder or a Hugging Face hub id"""
     teacher: str = str(WORLD / "teacher_large")
@@ -96,7 +98,7 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
-    divergence: str = "jsd"
+    divergence: Literal["rkl", "fkl", "jsd", "tv", "chi2"] = "jsd"
     """the f-divergence D_f(teacher || student) to minimise: rkl, fkl, jsd, tv or chi2"""
     stop_gradient: bool = False
     """use OPD's biased stop-gradient advantage -f(u) instead of OPD+'s w_f(u) = -f(u) + u f'(u)"""
@@ -141,11 +143,12 @@ def f_advantage(log_u, divergence, stop_gradient=False):
     return -f(log_u, u) if stop_gradient else w(log_u, u)
 
 
-def opd_loss(logp, rollout_logp, advantages, mask):
-    """Importance-sampled REINFORCE: -token mean over `mask` of exp(logp - rollout_logp) * sg(advantages).
-    logp: (B, R) with gradient; rollout_logp, advantages, mask: (B, R). Returns a scalar."""
+def opd_loss(logp, rollout_logp, advantages, mask, n_tokens=None):
+    """Importance-sampled REINFORCE: -exp(logp - rollout_logp) * sg(advantages) summed over `mask`'s
+    tokens / n_tokens (default: their count, the token mean). logp: (B, R) with gradient;
+    rollout_logp, advantages, mask: (B, R). Returns a scalar."""
     ratio = torch.exp(logp - rollout_logp)                                # (B, R)
-    return -(ratio * advantages.detach() * mask).sum() / mask.sum()
+    return -(ratio * advantages.detach() * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 # ----------------------------------------------------------------------------- training
@@ -165,8 +168,6 @@ def teacher_logprobs(teacher, rollout, micro_batch_size, d, offload):
 
 def main():
     args = parse_args(Args)
-    if args.divergence not in DIVERGENCES:
-        raise UserError(f"--divergence {args.divergence} is not one of {', '.join(DIVERGENCES)}")
     d = init_distributed(args.gpus)
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
     args.micro_batch_size = check_divisible(args.prompts_per_step * args.group_size, args.micro_batch_size, d)
@@ -179,24 +180,24 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step * args.group_size, args.micro_batch_size, "sequences")
 
     teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
                                                                  args.max_new_tokens)[0])
     if args.offload_teacher:
         free_memory(teacher)
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d, args.max_new_tokens)
         rewards = [reward(text, r["answer"]) for text, r in zip(decode_responses(tokenizer, rollout), mine)]
-        mask, rollout_logp = rollout["response_mask"], rollout["logprobs"]  # (B, R) each
+        mask, rollout_logp = rollout["response_mask"], rollout["logp"]  # (B, R) each
         teacher_logp = teacher_logprobs(teacher, rollout, args.micro_batch_size, d, args.offload_teacher)
         log_u = (teacher_logp - rollout_logp).clamp(-args.log_u_clip, args.log_u_clip)  # (B, R)
         advantages = f_advantage(log_u, args.divergence, args.stop_gradient) * mask        # (B, R)
@@ -205,8 +206,8 @@ def main():
         loss_sum = 0.0
         for i in range(0, len(mine), args.micro_batch_size):
             mb = select_rows(rollout, slice(i, i + args.micro_batch_size))
-            loss = opd_loss(logprobs(model, mb), mb["logprobs"], advantages[i:i + args.micro_batch_size],
-                            mb["response_mask"]) * mb["response_mask"].sum() / n_tokens
+            loss = opd_loss(logprobs(model, mb), mb["logp"], advantages[i:i + args.micro_batch_size],
+                            mb["response_mask"], n_tokens)
             loss.backward()
             loss_sum += loss.item()
         loss = all_sum(loss_sum, d).item() / d.world
@@ -219,17 +220,24 @@ def main():
         sums = all_sum(torch.stack([((rollout_logp - teacher_logp) * mask).sum(),
                                     -(f_advantage(log_u, args.divergence, stop_gradient=True) * mask).sum(),
                                     torch.tensor(sum(rewards), device=mask.device)]), d)
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "distill/reverse_kl": sums[0].item() / (n_tokens * d.world),
                        "distill/f_divergence": sums[1].item() / (n_tokens * d.world),
                        "rollout/reward_mean": sums[2].item() / n_seqs,
                        "rollout/response_length": n_tokens * d.world / n_seqs,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_seqs,
                        "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="opd_plus", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), teacher_accuracy=teacher_acc,

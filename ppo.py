@@ -61,6 +61,9 @@ from common import (WORLD, Logger, UserError, all_sum, autocast, batches, check_
 
 @dataclass
 class Args:
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
+    ranges = {"clip_eps": ">= 0", "value_clip": ">= 0", "kl_coef": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
+              "critic_lr": "> 0"}
     model: str = str(WORLD / "student")
     """causal LM to train (also the reference and the critic's initialisation): a folder or a hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -141,10 +144,10 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens=None):
+def policy_loss(logp, rollout_logp, advantages, mask, clip_eps, n_tokens=None):
     """The clipped surrogate (Eq. 7), as a loss. All inputs (B, T); mask 1 on valid tokens. Sum over
     valid tokens / n_tokens (default: this batch's valid-token count, i.e. the token mean)."""
-    ratio = torch.exp((logprobs - old_logprobs) * mask)                        # (B, T)
+    ratio = torch.exp((logp - rollout_logp) * mask)                        # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
@@ -156,10 +159,10 @@ def value_loss(values, old_values, returns, mask, clip, n_tokens=None):
     return 0.5 * (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
-def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+def token_rewards(scores, logp, ref_logp, mask, kl_coef):
     """r_t = -beta (log mu(y_t) - log pi_ref(y_t)), plus the sequence score at the last valid token.
     scores (B,); the others (B, T). Returns (B, T)."""
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * (logp - ref_logp) * mask
     last = mask.sum(-1).long() - 1                                             # (B,)
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
@@ -231,14 +234,14 @@ def main():
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, critic=critic)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
 
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
@@ -246,14 +249,14 @@ def main():
                          args.max_new_tokens, args.temperature)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
-        mask, old_logprobs = rollout["response_mask"], rollout["logprobs"]
-        ref_logprobs, old_values = [], []
+        mask, rollout_logp = rollout["response_mask"], rollout["logp"]
+        ref_logp, old_values = [], []
         with torch.no_grad():
             for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
-                ref_logprobs.append(logprobs(reference, select_rows(rollout, mb)))
+                ref_logp.append(logprobs(reference, select_rows(rollout, mb)))
                 old_values.append(critic_values(critic, select_rows(rollout, mb)))
-        ref_logprobs, old_values = torch.cat(ref_logprobs), torch.cat(old_values)
-        advantages, returns = gae(token_rewards(scores, old_logprobs, ref_logprobs, mask, args.kl_coef),
+        ref_logp, old_values = torch.cat(ref_logp), torch.cat(old_values)
+        advantages, returns = gae(token_rewards(scores, rollout_logp, ref_logp, mask, args.kl_coef),
                                   old_values, mask, args.gamma, args.lam)
         advantages = whiten(advantages, mask, d)
 
@@ -271,11 +274,11 @@ def main():
                     out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True)
                     new_values = critic_values(critic, b)
                     m, adv = b["response_mask"], advantages[mb]
-                    pg = policy_loss(out["logp"], old_logprobs[mb], adv, m, args.clip_eps, n_tokens)
+                    pg = policy_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_eps, n_tokens)
                     vf = value_loss(new_values, old_values[mb], returns[mb], m, args.value_clip, n_tokens)
                     (pg + vf).backward()
                     with torch.no_grad():
-                        log_ratio = (out["logp"] - old_logprobs[mb]) * m
+                        log_ratio = (out["logp"] - rollout_logp[mb]) * m
                         ratio = log_ratio.exp()
                         losses += torch.stack([pg, vf]).double().cpu()
                         clipped = (ratio > 1 + args.clip_eps) & (adv > 0) | (ratio < 1 - args.clip_eps) & (adv < 0)
@@ -295,20 +298,27 @@ def main():
         clipfrac, approx_kl, entropy, value_clipfrac = (
             all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
         n_responses = args.prompts_per_step * args.group_size
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "critic/loss": critic_loss, "policy/clipfrac": clipfrac,
                        "policy/approx_kl": approx_kl, "policy/entropy": entropy, "critic/clipfrac": value_clipfrac,
                        "critic/explained_variance": explained_variance(old_values, returns, mask, d),
                        "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
                        "rollout/response_length": rollout_tokens / n_responses,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
-                       "rollout/kl_ref": all_sum(((old_logprobs - ref_logprobs) * mask).sum(), d).item()
+                       "rollout/kl_ref": all_sum(((rollout_logp - ref_logp) * mask).sum(), d).item()
                        / rollout_tokens,
                        "train/grad_norm": grad_norm, "critic/grad_norm": critic_grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="ppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))

@@ -79,10 +79,10 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
-def sft_loss(logps, mask, n_tokens):
-    """Negative log-likelihood summed over this micro-batch's completion tokens, divided by the
-    completion-token count of the whole optimizer step. logps, mask: (B, R); n_tokens: scalar."""
-    return -(logps * mask).sum() / n_tokens
+def sft_loss(logp, mask, n_tokens=None):
+    """Negative log-likelihood summed over the completion tokens / n_tokens (default: their count
+    here, the token mean; the loop passes the optimizer step's count). logp, mask: (B, R)."""
+    return -(logp * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 # ----------------------------------------------------------------------------- training
@@ -98,14 +98,14 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.batch_size, args.micro_batch_size, "sequences")
 
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.batch_size, args.steps, args.seed)
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d)]
         prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
@@ -125,12 +125,19 @@ def main():
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="sft", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3))

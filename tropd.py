@@ -48,6 +48,7 @@ Implementation details (most of the paper's details come from secondary write-up
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -55,11 +56,13 @@ from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, c
                     clip_grad, decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed,
                     load_model, load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
                     select_rows, response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model,
-                    UserError, warmup_schedule, Checkpointer)
+                    warmup_schedule, Checkpointer)
 
 
 @dataclass
 class Args:
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
+    ranges = {"top_k": ">= 1", "guide_steps": ">= 0", "prefix_beta": ">= 0", "clip_tau": "<= 0"}
     model: str = str(WORLD / "student")
     """student causal LM to train: a local folder or a Hugging Face hub id"""
     teacher: str = str(WORLD / "teacher_large")
@@ -93,7 +96,7 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
-    outlier: str = "fkl"
+    outlier: Literal["fkl", "mask", "clip"] = "fkl"
     """advantage of untrusted tokens: fkl (negative top-K forward KL), mask (0) or clip (max(log u, clip_tau))"""
     top_k: int = 64
     """K of the teacher's top-K in the fkl outlier advantage"""
@@ -123,16 +126,17 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
-def opd_advantage(student_logp, teacher_logp):
+def opd_advantage(rollout_logp, teacher_logp):
     """Per-token K1 reverse-KL reward, used as the advantage: log pi_T - log mu. Both (B, R); (B, R)."""
-    return teacher_logp - student_logp
+    return teacher_logp - rollout_logp
 
 
-def trust_mask(teacher_logp, student_logp, generator=None, uniform=None):
-    """Bernoulli(min(pi_T / pi_S, 1)) per token, as float (B, R): 1 = trusted. The draws come from
+def trust_mask(teacher_logp, rollout_logp, generator=None, uniform=None):
+    """Bernoulli(min(pi_T / mu, 1)) per token, as float (B, R): 1 = trusted (mu: the student as it
+    sampled, the paper's pi_S). The draws come from
     `generator`, or are the given `uniform` (B, R) in [0, 1) (the loop passes its share of the global
     batch's draws)."""
-    p = torch.exp(teacher_logp - student_logp).clamp(max=1.0)
+    p = torch.exp(teacher_logp - rollout_logp).clamp(max=1.0)
     if uniform is None:
         uniform = torch.rand(p.shape, generator=generator, device=p.device)
     return (uniform < p).float()
@@ -154,20 +158,21 @@ def topk_forward_kl(teacher_topk_logp, student_logp_at_teacher_topk):
     return -(log_t.exp() * (log_t - log_s)).sum(-1)
 
 
-def tropd_advantage(teacher_logp, student_logp, trusted, outlier, outlier_kind, clip_tau):
+def tropd_advantage(teacher_logp, rollout_logp, trusted, outlier, outlier_kind, clip_tau):
     """Trusted tokens: the OPD advantage; outliers: `outlier` (fkl, given (B, R)), 0 (mask), or the
     OPD advantage floored at clip_tau (clip). All (B, R)."""
-    adv = opd_advantage(student_logp, teacher_logp)
+    adv = opd_advantage(rollout_logp, teacher_logp)
     alt = {"fkl": outlier, "mask": torch.zeros_like(adv), "clip": adv.clamp(min=clip_tau)}[outlier_kind]
     return torch.where(trusted.bool(), adv, alt)
 
 
-def tropd_loss(logp, rollout_logp, advantages, policy_mask, prefix_mask, beta):
-    """-token mean of exp(logp - rollout_logp) * sg(advantages) on the student's own tokens, plus
-    -beta * logp on the teacher's prefix tokens (Eq. 13's last term). All (B, R); mean over both masks."""
+def tropd_loss(logp, rollout_logp, advantages, policy_mask, prefix_mask, beta, n_tokens=None):
+    """-exp(logp - rollout_logp) * sg(advantages) on the student's own tokens, plus -beta * logp on the
+    teacher's prefix tokens (Eq. 13's last term), summed over both masks' tokens / n_tokens (default:
+    their count, the token mean). All (B, R)."""
     ratio = torch.exp(logp - rollout_logp)                                # (B, R)
-    return -((ratio * advantages.detach() * policy_mask).sum() + beta * (logp * prefix_mask).sum()) \
-        / (policy_mask + prefix_mask).sum()
+    n_tokens = (policy_mask + prefix_mask).sum() if n_tokens is None else n_tokens
+    return -((ratio * advantages.detach() * policy_mask).sum() + beta * (logp * prefix_mask).sum()) / n_tokens
 
 
 # ----------------------------------------------------------------------------- training
@@ -193,26 +198,20 @@ def guided_rows(rollout, prefixes, eos_id):
     guided samples, [] for on-policy ones), then the student's continuation (none if the prefix
     already ends the response). Returns per-row response ids, sampler log-probs (0 on prefix
     tokens) and prefix lengths."""
-    P = rollout["prompt_width"]
-    responses, logps = [], []
-    for ids, m, lp, prefix in zip(rollout["input_ids"][:, P:], rollout["response_mask"], rollout["logprobs"], prefixes):
+    W = rollout["prompt_width"]
+    responses, rollout_logp = [], []
+    for ids, m, lp, prefix in zip(rollout["input_ids"][:, W:], rollout["response_mask"], rollout["logp"], prefixes):
         n = int(m.sum())
         continuation, cont_logp = ids[:n].tolist(), lp[:n].tolist()
         if prefix and prefix[-1] == eos_id:
             continuation, cont_logp = [], []
         responses.append(prefix + continuation)
-        logps.append([0.0] * len(prefix) + cont_logp)
-    return responses, logps, [len(p) for p in prefixes]
-
-
-def check_choice(value, choices, flag):
-    if value not in choices:
-        raise UserError(f"--{flag} must be one of {', '.join(choices)}, not '{value}'")
+        rollout_logp.append([0.0] * len(prefix) + cont_logp)
+    return responses, rollout_logp, [len(p) for p in prefixes]
 
 
 def main():
     args = parse_args(Args)
-    check_choice(args.outlier, ("fkl", "mask", "clip"), "outlier")
     d = init_distributed(args.gpus)
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
     args.micro_batch_size = check_divisible(args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, d)
@@ -229,19 +228,19 @@ def main():
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     trust_draws = torch.Generator(d.device).manual_seed(args.seed)  # same on every process: global batch
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, trust_draws=trust_draws)
-    log = Logger(args.out, d, args.steps, args, lambda: evaluate_splits(model, tokenizer, args, d))
+    log = Logger(args.out, d, args.steps, args)
     log.banner(args, args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, "sequences")
 
     teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
                                                                  args.max_new_tokens)[0])
     if args.offload_teacher:
         free_memory(teacher)
-    before = ckpt.remember("before", log.evaluate)
+    before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.print(f"teacher accuracy {teacher_acc:.3f} (for reference)")
     log.evaluation("before training", before)
 
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
-    start_step, start = ckpt.resume(log), time.time()
+    start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d)]
         prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
@@ -271,11 +270,11 @@ def main():
         rollout_logp = torch.tensor([lp + [0.0] * (R - len(lp)) for lp in train_logps], device=d.device)  # (B, R)
         prefix_mask = (torch.arange(R, device=d.device) < torch.tensor(prefix_lens, device=d.device)[:, None]).float()
         policy_mask = batch["response_mask"] - prefix_mask                   # the student's own tokens
-        scores = teacher_logprobs(teacher, batch, args.micro_batch_size, d, args.offload_teacher, top_k)
-        teacher_logp = scores["logp"] * batch["response_mask"]
+        teacher_out = teacher_logprobs(teacher, batch, args.micro_batch_size, d, args.offload_teacher, top_k)
+        teacher_logp = teacher_out["logp"] * batch["response_mask"]
         # trust draws: one uniform per token of the GLOBAL batch, this process's block
-        W = int(all_max(R, d).item())
-        uniform = torch.rand(d.world * B, W, generator=trust_draws, device=d.device)[d.rank * B:(d.rank + 1) * B, :R]
+        R_max = int(all_max(R, d).item())
+        uniform = torch.rand(d.world * B, R_max, generator=trust_draws, device=d.device)[d.rank * B:(d.rank + 1) * B, :R]
         trusted = trust_mask(teacher_logp, rollout_logp, uniform=uniform) * policy_mask
         # per-process share of the step's token count: the gradient all-reduce averages over processes
         n_tokens = all_sum(batch["response_mask"].sum(), d).item() / d.world
@@ -283,13 +282,13 @@ def main():
         for i in range(0, B, args.micro_batch_size):
             part = slice(i, i + args.micro_batch_size)
             mb = select_rows(batch, part)
-            student = model(mb["input_ids"], mb["attention_mask"], mb["prompt_width"], gather=scores["topk_ids"][part])
-            outlier = topk_forward_kl(scores["topk_logp"][part], student["gather_logp"]) \
+            student = model(mb["input_ids"], mb["attention_mask"], mb["prompt_width"], gather=teacher_out["topk_ids"][part])
+            outlier = topk_forward_kl(teacher_out["topk_logp"][part], student["gather_logp"]) \
                 if args.outlier == "fkl" else None
             advantages = tropd_advantage(teacher_logp[part], rollout_logp[part], trusted[part], outlier, args.outlier,
                                          args.clip_tau) * policy_mask[part]
             loss = tropd_loss(student["logp"], rollout_logp[part], advantages, policy_mask[part], prefix_mask[part],
-                              args.prefix_beta) * mb["response_mask"].sum() / n_tokens
+                              args.prefix_beta, n_tokens)
             loss.backward()
             sums += torch.tensor([loss.item(), (advantages * (1 - trusted[part]) * policy_mask[part]).sum().item()],
                                  dtype=torch.float64)
@@ -307,6 +306,9 @@ def main():
                                      batch["response_mask"][torch.tensor(on_policy, device=d.device)].sum(),
                                      rollout["truncated"][torch.tensor(on_policy, device=d.device)].sum().float()]), d).tolist()
         rkl, n_policy_tokens, n_trusted, outlier_sum, n_prefix, n_teacher, reward_sum, policy_length, truncated = stats
+        evals = None
+        if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
+            evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "distill/reverse_kl": rkl / n_policy_tokens,
                        "trust/trusted_fraction": n_trusted / n_policy_tokens,
                        "trust/outlier_advantage": outlier_sum / max(n_policy_tokens - n_trusted, 1),
@@ -314,11 +316,15 @@ def main():
                        "rollout/reward_mean": reward_sum / n_seqs, "rollout/response_length": policy_length / n_seqs,
                        "rollout/truncated": truncated / n_seqs,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device)})
-        ckpt.maybe_save(step)
+                       "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
+        if stop or args.save_every and step % args.save_every == 0:
+            ckpt.save(step)
+        if stop:
+            ckpt.exit(step)
     seconds = time.time() - start
 
-    after = log.evaluate()
+    after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="tropd", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
                 peak_mem_gb=round(peak_mem_gb(d.device), 3), teacher_accuracy=teacher_acc)

@@ -1,7 +1,5 @@
 """common.py (and the method files' batching) against naive references on a tiny random model."""
 
-import json
-import math
 import re
 
 import pytest
@@ -86,6 +84,22 @@ def test_chunked_logprobs_equal_full_logits(model, tok, cpu, monkeypatch):
             torch.testing.assert_close(got[i, :n_resp], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_reference_logprobs_are_the_plain_computation(model, tok, cpu):
+    """common.reference_logprobs (what the load-time probe trusts) is the model's own log_softmax at
+    the response tokens, position ids as counted by hand; logprobs() equals it, gradients included."""
+    batch = _mixed_batch(tok, cpu)
+    reference = common.reference_logprobs(model, batch)
+    torch.testing.assert_close(reference, naive_response_logprobs(model, batch), atol=1e-6, rtol=1e-6)
+    fast = common.logprobs(model, batch)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    reference.sum().backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    fast.sum().backward()
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, want[n], atol=1e-5, rtol=1e-4)
+
+
 def test_chunked_logprobs_gradients_equal_full_logits(model, tok, cpu):
     V = model.lm.get_output_embeddings().weight.shape[0]
     model.chunk_bytes = 4 * V * 3
@@ -159,7 +173,7 @@ def test_sample_logprobs_match_recomputed(model, tok, cpu):
     out = common.sample(model, tok, prompts, cpu, max_new_tokens=8)
     P = out["prompt_width"]
     B, R = out["response_mask"].shape
-    assert B == len(prompts) and out["input_ids"].shape == (B, P + R) and out["logprobs"].shape == (B, R)
+    assert B == len(prompts) and out["input_ids"].shape == (B, P + R) and out["logp"].shape == (B, R)
 
     # the prompts are left-padded as pad_batch does it
     for i, p in enumerate(prompts):
@@ -177,15 +191,15 @@ def test_sample_logprobs_match_recomputed(model, tok, cpu):
         stopped += n < R
         assert out["response_mask"][i].tolist() == [1.0] * n + [0.0] * (R - n)
         assert (response[i, n:] == tok.pad_token_id).all()
-        assert (out["logprobs"][i, n:] == 0).all()
+        assert (out["logp"][i, n:] == 0).all()
     assert stopped >= 1, "no row stopped at EOS early: the mask test would be vacuous"
     assert (out["attention_mask"][:, P:] == out["response_mask"]).all()
 
     with torch.no_grad():
         again = common.logprobs(model, out)
     m = out["response_mask"].bool()
-    torch.testing.assert_close(out["logprobs"][m], again[m], atol=1e-4, rtol=1e-4)
-    assert (out["logprobs"][m] < 0).all()
+    torch.testing.assert_close(out["logp"][m], again[m], atol=1e-4, rtol=1e-4)
+    assert (out["logp"][m] < 0).all()
 
 
 def test_sample_records_topk_of_the_sampling_distribution(model, tok, cpu):
@@ -194,14 +208,14 @@ def test_sample_records_topk_of_the_sampling_distribution(model, tok, cpu):
     torch.manual_seed(0)
     out = common.sample(model, tok, prompts, cpu, max_new_tokens=6, temperature=0.7, topk=3)
     B, R = out["response_mask"].shape
-    assert out["topk_ids"].shape == out["topk_logprobs"].shape == (B, R, 3)
+    assert out["topk_ids"].shape == out["topk_logp"].shape == (B, R, 3)
     P = out["prompt_width"]
     with torch.no_grad():
         pos = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         logits = model.lm(input_ids=out["input_ids"], attention_mask=out["attention_mask"], position_ids=pos).logits
     want = torch.log_softmax(logits[:, P - 1:-1].float() / 0.7, -1).topk(3, -1)
     m = out["response_mask"].bool()
-    torch.testing.assert_close(out["topk_logprobs"][m], want.values[m], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["topk_logp"][m], want.values[m], atol=1e-4, rtol=1e-4)
     assert torch.equal(out["topk_ids"][m], want.indices[m])
 
 
@@ -233,7 +247,7 @@ def test_sample_greedy_is_deterministic_argmax(model, tok, cpu):
     a = common.sample(model, tok, prompts, cpu, max_new_tokens=6, greedy=True)
     torch.manual_seed(2)
     b = common.sample(model, tok, prompts, cpu, max_new_tokens=6, greedy=True)
-    for k in ("input_ids", "attention_mask", "response_mask", "logprobs"):
+    for k in ("input_ids", "attention_mask", "response_mask", "logp"):
         assert torch.equal(a[k], b[k]), k
     # each greedy token is the argmax of the full-forward distribution at its position
     P = a["prompt_width"]
@@ -402,6 +416,19 @@ def test_parse_args_rejects_bad_values():
         common.parse_args(dpo.Args, ["--no-such-flag"])
 
 
+def test_parse_args_choices_from_literal_and_old_spellings():
+    """A Literal[...] field takes only its values, checked by parse_args (one line, the values named);
+    a flag's older spelling (Args.aliases) still works."""
+    import dppo
+    a = common.parse_args(dppo.Args, ["--trust-region", "clip", "--topk", "5"])
+    assert (a.trust_region, a.top_k) == ("clip", 5)
+    assert common.parse_args(dppo.Args, ["--top-k", "7"]).top_k == 7
+    with pytest.raises(common.UserError, match="--trust-region must be one of dppo, clip, not 'ppo'"):
+        common.parse_args(dppo.Args, ["--trust-region", "ppo"])
+    with pytest.raises(common.UserError, match="--divergence must be one of binary_tv, binary_kl, topk_tv, topk_kl"):
+        common.parse_args(dppo.Args, ["--divergence", "tv"])
+
+
 def test_parse_args_help_from_docstrings(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as e:
@@ -434,14 +461,3 @@ def test_batches_partial_last_epoch():
     assert sorted(order[:7]) == list(range(7))
     assert len(set(order[7:])) == 5  # no repeats inside the second epoch
 
-
-def test_rounded_weights_round_inside_and_restore_exactly():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(8, 4)
-    exact = [p.detach().clone() for p in model.parameters()]
-    with common.rounded_weights(model, torch.bfloat16):
-        for p, value in zip(model.parameters(), exact):
-            assert p.dtype == torch.float32 and torch.equal(p, value.bfloat16().float())
-            assert not torch.equal(p, value)
-    for p, value in zip(model.parameters(), exact):
-        assert torch.equal(p, value)

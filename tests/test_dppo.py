@@ -297,3 +297,15 @@ def test_bf16_rollouts_differ_from_the_learner(small_eval, tmp_path):
     ok(run("dppo.py", "--steps", 1, "--prompts-per-step", 8, "--group-size", 4, "--epochs", 1, "--minibatches", 1,
            "--rollout-precision", "bf16", *small_eval, "--out", tmp_path / "run"))
     assert metrics(tmp_path / "run")[0]["policy/divergence_mean"] > 1e-5
+
+
+def test_rounded_weights_round_inside_and_restore_exactly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    exact = [p.detach().clone() for p in model.parameters()]
+    with dppo.rounded_weights(model, torch.bfloat16):
+        for p, value in zip(model.parameters(), exact):
+            assert p.dtype == torch.float32 and torch.equal(p, value.bfloat16().float())
+            assert not torch.equal(p, value)
+    for p, value in zip(model.parameters(), exact):
+        assert torch.equal(p, value)

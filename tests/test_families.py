@@ -117,7 +117,7 @@ def test_family(family_dir, tmp_path):
     rollout = common.sample(model, tok, [tok(p).input_ids for p in ("3+4=", "60-7=")], CPU, 6)
     with torch.no_grad():
         rescored = common.logprobs(model, rollout)
-    torch.testing.assert_close(rescored, rollout["logprobs"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(rescored, rollout["logp"], atol=1e-4, rtol=0)
 
     # backward reaches the weights
     (-common.logprobs(model, batch).sum()).backward()

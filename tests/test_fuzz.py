@@ -18,7 +18,7 @@ import common
 from test_scripts import WORLD, ok, one_line_error, run, summary
 from world.build import make_tokenizer
 
-SCRIPTS = ["sft", "dpo", "ppo", "dppo", "dypo", "opd", "opd_plus", "tropd", "bench"]
+SCRIPTS = ["sft", "dpo", "ppo", "grpo", "dppo", "dypo", "opd", "opd_plus", "tropd", "bench"]
 ARGS = {name: importlib.import_module(name).Args for name in SCRIPTS}
 
 # what each method file reads from --data: (fields, optional fields, fields cut to the context, reserve)
@@ -57,6 +57,17 @@ def test_every_numeric_flag_has_a_range_its_default_meets(script):
 def test_every_range_is_used():
     used = {f.name for cls in ARGS.values() for f in numeric_fields(cls)}
     assert set(common.RANGES) <= used
+
+
+def test_common_knows_only_shared_flags():
+    """common.RANGES is plumbing: each of its flags is a field of two method files or more, and no flag
+    that only one method file has is named in common.py (each file declares its own ranges)."""
+    methods = [cls for name, cls in ARGS.items() if name != "bench"]
+    fields = [{f.name for f in dataclasses.fields(cls)} for cls in methods]
+    assert [k for k in common.RANGES if sum(k in f for f in fields) < 2] == []
+    own = {name for f in fields for name in f if sum(name in g for g in fields) == 1}
+    source = open(common.__file__).read()
+    assert sorted(name for name in own if f'"{name}"' in source or f"args.{name}" in source) == []
 
 
 def test_in_range():

@@ -271,4 +271,4 @@ def test_teacher_with_another_tokenizer_is_refused(edit, tmp_path):
 
 
 def test_unknown_divergence(tmp_path):
-    one_line_error(run("opd_plus.py", "--divergence", "kl", "--out", tmp_path / "r"), "--divergence kl", "jsd")
+    one_line_error(run("opd_plus.py", "--divergence", "kl", "--out", tmp_path / "r"), "--divergence", "'kl'", "jsd")

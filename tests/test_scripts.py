@@ -75,6 +75,18 @@ def test_eval_every(tmp_path):
     assert "step 2: accuracy" in proc.stdout
 
 
+@pytest.mark.parametrize("script", ["sft", "dpo", "ppo", "grpo", "dppo", "dypo", "opd", "opd_plus", "tropd"])
+def test_the_loop_shows_its_steps(script):
+    """Evaluation every --eval-every steps and the stop after a SIGTERM are lines of each main() loop
+    (as in nanoGPT's), not hidden in the logger or the checkpointer."""
+    import importlib
+    import inspect
+    loop = inspect.getsource(importlib.import_module(script).main).split("for step, ")[1]
+    for line in ("if args.eval_every and step % args.eval_every == 0:", "evaluate_splits(model, tokenizer, args, d)",
+                 "stop = ckpt.sigterm()", "ckpt.save(step)", "ckpt.exit(step)"):
+        assert line in loop, line
+
+
 def test_dpo_learns(tmp_path):
     """The issue's bar: DPO with its defaults raises ID accuracy by >= 10 points on the tiny world."""
     out = tmp_path / "dpo"

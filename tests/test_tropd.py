@@ -105,7 +105,7 @@ def test_guided_rows_prefix_then_continuation():
     rollout = {"prompt_width": 1,
                "input_ids": torch.tensor([[9, 5, 6, eos], [9, 7, eos, 0], [9, 8, eos, 0]]),
                "response_mask": torch.tensor([[1., 1., 1.], [1., 1., 0.], [1., 1., 0.]]),
-               "logprobs": torch.tensor([[-.1, -.2, -.3], [-.4, -.5, 0.], [-.6, -.7, 0.]])}
+               "logp": torch.tensor([[-.1, -.2, -.3], [-.4, -.5, 0.], [-.6, -.7, 0.]])}
     prefixes = [[], [4, 4], [4, 4, eos]]  # on-policy; guided; guided by a whole teacher response
     responses, logps, lens = tropd.guided_rows(rollout, prefixes, eos)
     assert responses == [[5, 6, eos], [4, 4, 7, eos], [4, 4, eos]]

@@ -103,7 +103,7 @@ def respond(folder, prompts, n, greedy, batch_size=512):
     out = []
     for chunk in micro_batches([p for p in prompts for _ in range(n)], batch_size):
         batch = sample(model, tok, [prompt_ids(tok, p) for p in chunk], d, max_new_tokens=8, greedy=greedy)
-        out += zip(decode_responses(tok, batch), batch["logprobs"].sum(-1).tolist())
+        out += zip(decode_responses(tok, batch), batch["logp"].sum(-1).tolist())
     return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
