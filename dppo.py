@@ -1,54 +1,61 @@
-"""Divergence Proximal Policy Optimization (Qi, Zhou, Liu, Pang, Du, Lin, Lee 2026, "Rethinking the
-Trust Region in LLM Reinforcement Learning", arXiv 2602.04879; reference code sail-sg/Stable-RL).
+"""Divergence Proximal Policy Optimization, DPPO (Qi, Zhou, Liu, Pang, Du, Lin, Lee 2026, "Rethinking the
+Trust Region in LLM Reinforcement Learning", arXiv 2602.04879; reference code sail-sg/Stable-RL): GRPO whose
+ratio clip is replaced by a mask on an estimate of a real divergence between the rollout and the current policy.
 
-Objective: PPO's ratio clip |r_t - 1| <= eps is a one-sample estimate of the total-variation distance
-between the rollout policy mu and the current policy pi_theta. DPPO keeps the unclipped surrogate and
-masks a token's update only when an estimate D_t of a real divergence D(mu || pi_theta)(s_t) exceeds
-delta, and only in the direction that moves further away (Eqs. 11-12):
-  maximise token mean of M_t * r_t * A_t,   r_t = pi_theta(y_t) / mu(y_t),
-  M_t = 0 if (A_t > 0 and r_t > 1 and D_t > delta) or (A_t < 0 and r_t < 1 and D_t > delta), else 1,
-with group advantages A = R - mean_group(R) (no critic, no std, no KL penalty).
+Objective: sample G responses per prompt from the policy, each scored 0/1; no critic: every token of
+response i gets the group-relative advantage A_i = R_i - mean(R) over its group (no std, no KL penalty);
+then minibatch updates of the unclipped surrogate, masked where it would leave the trust region (Eqs. 11-12)
+  l_t = -M_t rho_t A_i,  rho_t = pi_theta(y_t) / mu(y_t),
+  M_t = 0 if D_t > delta and (A_i > 0 and rho_t > 1 or A_i < 0 and rho_t < 1), else 1,
+averaged over all tokens. PPO's clip |rho_t - 1| <= eps is a one-sample estimate of the total-variation
+distance between mu and pi_theta; DPPO masks on an estimate D_t of a real divergence D(mu || pi_theta)(s_t)
+instead, and only the update that moves further away.
 
 Run:
   python dppo.py                                        # tiny world, CPU, one to two minutes
+  python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
+      --max-new-tokens 512 --group-size 16 --lr 1e-6   # the authors' G 16, lr 1e-6
   python dppo.py --trust-region clip                    # the baseline: ratio clip 0.2 / 0.28, all else equal
   python dppo.py --divergence topk_kl                   # binary_tv (default), binary_kl, topk_tv, topk_kl
-  python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
-      --max-new-tokens 512 --group-size 16 --lr 1e-6
   python dppo.py --gpus 8 ...                           # or: torchrun --nproc-per-node 8 dppo.py ...
 
 Implementation details:
-  1. Data: JSONL with `prompt` and `answer`; the reward is common.reward (1 when the response's
-     last number equals the answer, else 0).
-  2. The trust region is anchored to the ROLLOUT: mu's log-probs (and, for Top-K, mu's top-K ids
+  1. Data: JSONL with `prompt` and `answer`; the sequence score is common.reward (1 when the
+     response's last number equals the answer, else 0), the reward of every token of the response.
+  2. Advantages: a group's G responses are adjacent rows of one process's rollout (the prompts, not
+     the responses, are split over processes), so its mean is local. A = R - group mean, with no std
+     division (an all-right or all-wrong group gets A = 0 and no gradient), no whitening, no KL penalty.
+  3. The trust region is anchored to the ROLLOUT: mu's log-probs (and, for Top-K, mu's top-K ids
      and log-probs) are the ones sample() recorded while drawing the tokens, never recomputed. They
      are those of the distribution sampled from (logits / temperature), so keep --temperature 1 (the
      default) unless the mismatch is what you want to study.
-  3. Divergences (Eqs. 13-16), computed without gradient: binary_tv |mu(a) - pi(a)| and binary_kl
+  4. Divergences (Eqs. 13-16), computed without gradient: binary_tv |mu(a) - pi(a)| and binary_kl
      (the vocabulary collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t}
      plus an "other" bucket with the rest of the mass (clamped at 1e-12). Where a_t is already in
      the top-K it is not counted twice. delta defaults to 0.15 for TV and 0.05 for KL (the authors'
      script). K = 20, capped at the vocabulary size (the tiny world has 17 tokens, so there the
      Top-K divergences are exact).
-  4. Loss as in the reference code: -A * sg(min(r, C)) * M * log pi_theta, C = 10, whose gradient
-     is that of -M * r * A (Eq. 11) wherever r < C; token mean over the optimizer step (minibatch),
-     over all its micro-batches and processes.
-  5. --trust-region clip is the paper's baseline, GRPO-style "ClipHigher": token mean of
-     max(-A r, -A clip(r, 1 - 0.2, 1 + 0.28)), with the same advantages, batches and seed.
+  5. Loss as in the reference code: -A * sg(min(rho, C)) * M * log pi_theta, C = 10, whose gradient
+     is that of -M * rho * A (Eq. 11) wherever rho < C. --trust-region clip is the paper's baseline,
+     GRPO-style "ClipHigher": max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.28)), with the same advantages,
+     batches and seed. Either is a token mean over the optimizer step (minibatch, all its micro-batches
+     and processes): each micro-batch's loss divides by the minibatch's token count (over all
+     processes) / the process count, so micro-batching and processes do not change the gradient.
   6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
      --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
-     them; each epoch visits the minibatches in a new random order. One optimizer step each, so every
-     update after the first is off-policy and the trust region has something to do.
-  7. Logged per rollout step (mean over its updates), for both trust regions: masked_frac (tokens
-     DPPO's mask zeroes), clipfrac (tokens whose gradient the ratio clip removes: A > 0 and
-     r > 1 + eps_high, or A < 0 and r < 1 - eps_low), divergence mean and max, approx_kl (k3 =
-     (r - 1) - log r), entropy; per rollout: reward mean, response length. Only the selected
-     trust region acts; the other is what it would have done.
+     them; each epoch visits the minibatches in a new random order. One optimizer step each. The
+     default (2 minibatches, 2 epochs: four optimizer steps per rollout batch) makes every update
+     after the first off-policy, so the trust region has something to do.
+  7. Logged per rollout step (mean over its updates), for both trust regions: clipfrac (tokens whose
+     gradient the ratio clip removes: A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low),
+     approx_kl (k3 = (rho - 1) - log rho), entropy, masked_frac (tokens DPPO's mask zeroes),
+     divergence mean and max; per rollout: reward mean, reward std (mean over groups of the group's
+     std), response length. Only the selected trust region acts; the other is what it would have done.
   8. --rollout-precision bf16 samples each rollout from the policy with its weights rounded to bf16
      (restored for the update), so mu differs from pi_theta before any update, as when a bf16
      inference engine samples for an fp32 learner. On a GPU the policy already computes in bf16
      (autocast), so there the option rounds only what autocast leaves in fp32 (norms, biases).
-  9. Deviation: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
+  9. Deviations: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
      models. Tiny-world defaults (32 prompts x 8, lr 5e-5, 100 steps) were tuned on the ID split:
      with no critic, no whitening and no KL penalty the update is noisier than ppo.py's, and
      higher rates did worse (DPPO, 60 steps: lr 1e-4 0.44 ID, the clip baseline 0.47; lr 3e-4
@@ -62,23 +69,19 @@ from typing import Literal
 
 import torch
 
-from common import (WORLD, Logger, UserError, all_max, all_sum, batches, check_divisible, check_finite, clip_grad,
+from common import (WORLD, Logger, UserError, all_sum, batches, check_divisible, check_finite, clip_grad,
                     decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
-                    micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, reward, 
-                    run, sample, save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule,
-                    Checkpointer)
-
-RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
+                    all_max, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
+                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
 class Args:
-    # the allowed values of this file's numeric flags (common.RANGES: those every script shares);
-    # group_size >= 2: advantages compare a group's responses
-    aliases = {"top_k": "--topk"}  # the flag's first spelling still works
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
     ranges = {"group_size": ">= 2", "delta": ">= 0", "top_k": ">= 1", "clip_low": "[0, 1]", "clip_high": ">= 0"}
+    aliases = {"top_k": "--topk"}  # the flag's first spelling still works
     model: str = str(WORLD / "student")
-    """causal LM to train: a local folder or a Hugging Face hub id"""
+    """causal LM to train: a folder or a hub id"""
     data: str = str(WORLD / "prompts.jsonl")
     """training JSONL, one {"prompt", "answer"} per line"""
     eval_data: str = str(WORLD / "test_id.jsonl")
@@ -92,9 +95,9 @@ class Args:
     prompts_per_step: int = 32
     """prompts sampled per rollout step, over all processes"""
     group_size: int = 8
-    """responses sampled per prompt"""
+    """G: responses sampled per prompt, the group their advantages compare"""
     minibatches: int = 2
-    """optimizer steps per epoch over the rollout batch"""
+    """optimizer steps per epoch over the rollout batch (more than 1: off-policy updates)"""
     epochs: int = 2
     """passes over the rollout batch"""
     micro_batch_size: int = 128
@@ -107,9 +110,6 @@ class Args:
     """sampling temperature of the rollouts"""
     trust_region: Literal["dppo", "clip"] = "dppo"
     """dppo: the divergence mask (Eq. 12); clip: the baseline ratio clip [1 - clip_low, 1 + clip_high]"""
-    rollout_precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32: rollouts from the policy itself; bf16: from a copy with its weights rounded to bf16 (a sampler
-    that differs from the learner, as a bf16 inference engine's does)"""
     divergence: Literal["binary_tv", "binary_kl", "topk_tv", "topk_kl"] = "binary_tv"
     """DPPO's divergence estimate: binary_tv, binary_kl, topk_tv or topk_kl"""
     delta: float = 0.0
@@ -120,14 +120,17 @@ class Args:
     """baseline: the ratio is clipped from below at 1 - clip_low"""
     clip_high: float = 0.28
     """baseline: the ratio is clipped from above at 1 + clip_high"""
+    rollout_precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32: rollouts from the policy itself; bf16: from a copy with its weights rounded to bf16 (a sampler
+    that differs from the learner, as a bf16 inference engine's does)"""
     lr: float = 5e-5
-    """peak learning rate of AdamW"""
+    """peak learning rate"""
     warmup_steps: int = 10
     """linear learning-rate warm-up, in optimizer steps"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
+    """clip the gradient norm to this"""
     seed: int = 1
     """seed of prompt order and sampling"""
     gpus: int = 1
@@ -146,10 +149,15 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
+RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
+
+
 def group_advantages(scores, group_size):
-    """A = R - mean of R over the response's group (G adjacent rows), no std division. (B,) -> (B,)."""
-    groups = scores.view(-1, group_size)
-    return (groups - groups.mean(-1, keepdim=True)).view(-1)
+    """(B,) scores of groups of group_size adjacent responses -> (B,) advantages: R - group mean, no std
+    division (Dr. GRPO's), so an all-right or all-wrong group gets 0."""
+    rewards = scores.view(-1, group_size)
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred.view(-1)
 
 
 def binary_divergence(logp, rollout_logp, kind):
@@ -194,17 +202,17 @@ def dppo_mask(logp, rollout_logp, advantages, divergence, delta):
 
 
 def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None):
-    """-A * sg(min(r, C)) * M * log pi_theta, summed over valid tokens / n_tokens (default: their count),
-    whose gradient is that of -token_mean(M * r * A) (Eq. 11) wherever r < C. Inputs (B, T)."""
+    """-A * sg(min(rho, C)) * M * log pi_theta, summed over valid tokens / n_tokens (default: their count),
+    whose gradient is that of -token_mean(M * rho * A) (Eq. 11) wherever rho < C. Inputs (B, T)."""
     ratio = torch.exp(logp.detach() - rollout_logp).clamp(max=RATIO_CAP)
     losses = -advantages * ratio * mask * logp
     return (losses * response_mask).sum() / (response_mask.sum() if n_tokens is None else n_tokens)
 
 
 def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_tokens=None):
-    """The baseline, PPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
-    token mean of max(-A r, -A clip(r)). All inputs (B, T); mask 1 on valid tokens."""
-    ratio = torch.exp((logp - rollout_logp) * mask)                        # (B, T)
+    """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
+    token mean of max(-A rho, -A clip(rho)). All inputs (B, T); mask 1 on valid tokens."""
+    ratio = torch.exp((logp - rollout_logp) * mask)                                    # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
@@ -242,14 +250,14 @@ def main():
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    kind = args.divergence.split("_")[1]  # the divergence: "tv" or "kl", its threshold delta, mu's top-K recorded
+    delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
+    topk = min(args.top_k, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args.out, d, args.steps, args)
     log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
-    kind = args.divergence.split("_")[1]
-    delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
-    topk = min(args.top_k, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
 
     before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)
@@ -265,16 +273,17 @@ def main():
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
-        advantages = group_advantages(scores, args.group_size)[:, None] * mask
+        groups = scores.view(-1, args.group_size)                                      # (P, k)
+        advantages = group_advantages(scores, args.group_size)[:, None] * mask         # (B, T) per token
 
         # several epochs of minibatch updates, one optimizer step per minibatch
         update_sums = torch.zeros(2, dtype=torch.float64)  # loss, grad norm
-        token_sums = torch.zeros(5, dtype=torch.float64)   # DPPO-masked, clipped, divergence, k3, entropy
+        token_sums = torch.zeros(5, dtype=torch.float64)   # ratio clipped, k3, entropy, DPPO-masked, divergence
         divergence_max = 0.0
         for _ in range(args.epochs):
             for j in torch.randperm(args.minibatches).tolist():
                 minibatch = list(range(j, len(mine), args.minibatches))
-                # per-process share of the minibatch's token count: the gradient all-reduce averages over processes
+                # per-process share of the minibatch's normaliser: the gradient all-reduce averages over processes
                 n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
                 losses = torch.zeros(1, dtype=torch.float64)
                 for mb in micro_batches(minibatch, args.micro_batch_size):
@@ -282,7 +291,7 @@ def main():
                     out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True,
                                 gather=b["topk_ids"] if topk else None)
                     m, adv = b["response_mask"], advantages[mb]
-                    if topk:
+                    if topk:  # D over mu's top-K and the sampled token, with an "other" bucket
                         sampled_ids = b["input_ids"][:, b["prompt_width"]:]
                         divergence = topk_divergence(
                             with_sampled_token(out["gather_logp"], out["logp"].detach(), b["topk_ids"], sampled_ids),
@@ -292,18 +301,18 @@ def main():
                     divergence = divergence * m
                     trust = dppo_mask(out["logp"], rollout_logp[mb], adv, divergence, delta)
                     if args.trust_region == "dppo":
-                        loss = dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n_tokens)
+                        pg = dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n_tokens)
                     else:
-                        loss = clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n_tokens)
-                    loss.backward()
+                        pg = clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n_tokens)
+                    pg.backward()
                     with torch.no_grad():
                         log_ratio = (out["logp"] - rollout_logp[mb]) * m
                         ratio = log_ratio.exp()
+                        losses += pg.double().cpu()
                         clipped = (ratio > 1 + args.clip_high) & (adv > 0) | (ratio < 1 - args.clip_low) & (adv < 0)
-                        losses += loss.double().cpu()
-                        token_sums += torch.stack([(1 - trust) * m, clipped * m, divergence,
-                                                   (ratio - 1 - log_ratio) * m, out["entropy"] * m]
-                                                  ).sum((1, 2)).double().cpu()
+                        token_sums += torch.stack([clipped * m, (ratio - 1 - log_ratio) * m,
+                                                   out["entropy"] * m, (1 - trust) * m,
+                                                   divergence]).sum((1, 2)).double().cpu()
                         divergence_max = max(divergence_max, divergence.max().item())
                 losses = all_sum(losses, d).cpu() / d.world
                 check_finite(losses.sum().item(), step, args.out)
@@ -314,17 +323,18 @@ def main():
                 update_sums += torch.cat([losses, torch.tensor(grad_norms, dtype=torch.float64)])
         loss, grad_norm = (update_sums / (args.epochs * args.minibatches)).tolist()
         rollout_tokens = all_sum(mask.sum(), d).item()
-        masked_frac, clipfrac, divergence_mean, approx_kl, entropy = (
+        clipfrac, approx_kl, entropy, masked_frac, divergence_mean = (
             all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
         n_responses = args.prompts_per_step * args.group_size
         evals = None
         if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
             evals = evaluate_splits(model, tokenizer, args, d)
-        log.log(step, {"train/loss": loss, "policy/masked_frac": masked_frac, "policy/clipfrac": clipfrac,
-                       "policy/divergence_mean": divergence_mean,
-                       "policy/divergence_max": all_max(divergence_max, d).item(),
+        log.log(step, {"train/loss": loss, "policy/clipfrac": clipfrac,
                        "policy/approx_kl": approx_kl, "policy/entropy": entropy,
+                       "policy/masked_frac": masked_frac, "policy/divergence_mean": divergence_mean,
+                       "policy/divergence_max": all_max(divergence_max, d).item(),
                        "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
+                       "rollout/reward_std": all_sum(groups.std(-1).sum(), d).item() / args.prompts_per_step,
                        "rollout/response_length": rollout_tokens / n_responses,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "train/grad_norm": grad_norm,
@@ -339,8 +349,8 @@ def main():
     after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dppo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
-                peak_mem_gb=round(peak_mem_gb(d.device), 3), trust_region=args.trust_region,
-                divergence=args.divergence, delta=delta)
+                trust_region=args.trust_region, divergence=args.divergence, delta=delta,
+                peak_mem_gb=round(peak_mem_gb(d.device), 3))
 
 
 if __name__ == "__main__":
