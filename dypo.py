@@ -11,6 +11,9 @@ Objective (the paper's Eq. 4), one loss and one optimizer step:
   L_GAL(q) = mean over (success s, failure f) pairs of the group of
              -log sigmoid(beta * ([log pi(s) - log pi_ref(s)] - [log pi(f) - log pi_ref(f)]))  (Eq. 14)
   L_GRPO(q) = the clipped surrogate with group-normalised advantages (R - mean) / (std + 1e-6)
+The file descends from grpo.py (`diff grpo.py dypo.py`): rollout, scores, reference, optimizer step and
+log are grpo.py's; the gate, the teacher traces, GAL and one joint micro-batch loop take the place of
+its minibatch epochs; L_GRPO is grpo.py's loss with --beta 0 and --agg sequence, kept per prompt.
 
 Run:
   python dypo.py                                       # tiny world, CPU, under a minute
@@ -29,9 +32,12 @@ Implementation details:
      normalisation); the advantage std is the unbiased one (torch.std).
   4. The ratio of GRPO is taken against the log-probs recorded while sampling, and there is one
      optimizer step per rollout batch, so the update is on-policy and the clip only guards
-     against the numerical gap between sampling and training (bf16 on GPU).
-  5. pi_ref in GAL is the initial policy, a frozen copy (bf16 on GPU) that scores the Mid responses
-     in one no-grad forward per micro-batch. GAL's value is computed from log-probs that carry
+     against the numerical gap between sampling and training (bf16 on GPU). policy/clipfrac is the
+     mean over Mid prompts of the share of their tokens whose gradient the clip removes (A > 0 and
+     rho > 1 + eps, or A < 0 and rho < 1 - eps), as grpo.py counts them.
+  5. pi_ref in GAL is the initial policy, a frozen copy (bf16 on GPU, not sharded) that scores the
+     Mid prompts' responses once per rollout batch, without gradient, --micro-batch-size x k rows at
+     a time (Hard and Easy rows are not scored). GAL's value is computed from log-probs that carry
      gradient; a test checks that it trains.
   6. One forward per micro-batch over the Mid prompts' k responses and the Hard prompts' teacher
      traces together. `--micro-batch-size` counts prompts. A micro-batch with nothing to train
@@ -54,19 +60,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, decode_responses,
-                    evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches,
-                    pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows, response_ids,
+from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, pad_batch, response_ids,
+                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
+                    logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
                     reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
 
 
 @dataclass
 class Args:
-    # the allowed values of this file's numeric flags (common.RANGES: those every script shares);
-    # group_size >= 2: routing compares k samples
-    ranges = {"group_size": ">= 2", "alpha": "[0, 1]", "beta_gal": "> 0", "sft_weight": ">= 0", "clip_eps": ">= 0"}
+    # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
+    ranges = {"group_size": ">= 2", "clip_eps": ">= 0", "alpha": "[0, 1]", "beta_gal": "> 0", "sft_weight": ">= 0"}
     model: str = str(WORLD / "student")
-    """causal LM to train (and the frozen reference of GAL): a local folder or a Hugging Face hub id"""
+    """causal LM to train (also the reference): a folder or a hub id"""
     data: str = str(WORLD / "prompts.jsonl")
     """training JSONL, one {"prompt", "answer", "teacher_responses": [...]} per line"""
     eval_data: str = str(WORLD / "test_id.jsonl")
@@ -76,43 +81,43 @@ class Args:
     out: str = "runs/dypo"
     """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
     steps: int = 100
-    """optimizer steps (one rollout batch each)"""
+    """rollout steps (each followed by one optimizer step)"""
     prompts_per_step: int = 32
-    """prompts sampled per step, over all processes"""
+    """prompts sampled per rollout step, over all processes"""
     group_size: int = 8
-    """k: responses sampled per prompt"""
+    """k: responses sampled per prompt, the group that routes it (>= 2) and that its advantages compare"""
     micro_batch_size: int = 16
     """prompts per forward/backward on one process (their k responses, or one teacher trace each)"""
     max_new_tokens: int = 8
-    """longest sampled response (and at evaluation)"""
+    """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
     """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
+    clip_eps: float = 0.2
+    """PPO ratio clip: rho is clipped to [1 - eps, 1 + eps]"""
     alpha: float = 0.5
     """weight of GRPO against GAL on Mid prompts (Eq. 4)"""
     beta_gal: float = 1.0
     """beta of the Group Alignment Loss (Eq. 14)"""
     sft_weight: float = 1.0
     """gamma: weight of the multi-teacher SFT loss on Hard prompts (Eq. 4; not given in the paper)"""
-    clip_eps: float = 0.2
-    """GRPO ratio clip"""
     lr: float = 5e-5
-    """peak learning rate of AdamW"""
+    """peak learning rate"""
     warmup_steps: int = 5
-    """linear learning-rate warm-up"""
+    """linear learning-rate warm-up, in optimizer steps"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """clip the global gradient norm to this"""
+    """clip the gradient norm to this"""
     seed: int = 1
-    """seed of data order, sampling and the teacher draw"""
+    """seed of prompt order, sampling and the teacher draw"""
     gpus: int = 1
     """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
     save_every: int = 0
-    """also write the model and the full training state (for --resume) every this many steps
+    """also write the model and the full training state (for --resume) every this many rollout steps
     (0: the model at the end only)"""
     eval_every: int = 0
     """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
@@ -124,39 +129,40 @@ class Args:
 # ----------------------------------------------------------------------------- the method
 
 def route(rewards):
-    """Difficulty grading. rewards: (P, k) in {0, 1}. Returns (hard, mid), boolean (P,): hard = no
+    """Difficulty grading, DYPO's gate. rewards: (P, k) in {0, 1}. Returns (hard, mid), boolean (P,): hard = no
     response right (-> SFT), mid = some but not all right (-> RL); the rest (all right) is dropped."""
     phi = rewards.sum(-1)
     return phi == 0, (phi > 0) & (phi < rewards.shape[-1])
 
 
-def grpo_advantages(rewards):
-    """(P, k) rewards -> (P, k) advantages (R - mean) / (std + 1e-6) within each group."""
-    if not len(rewards):  # no group (a micro-batch without Mid prompts): torch's std() would warn
+def grpo_advantages(rewards, scale=True):
+    """(P, k) rewards of P groups of k responses -> (P, k) advantages: (R - group mean) / (group std +
+    1e-6), the std unbiased (torch.std); with scale=False R - group mean (Dr. GRPO)."""
+    if not len(rewards):  # no group: torch's std() would warn
         return rewards
-    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-6)
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred / (rewards.std(-1, keepdim=True) + 1e-6) if scale else centred
 
 
 def grpo_loss(logp, rollout_logp, advantages, mask, clip_eps):
-    """Per-group GRPO loss. logp, rollout_logp, mask: (P, k, R); advantages: (P, k). Returns (P,):
-    the clipped surrogate -min(rho A, clip(rho, 1-eps, 1+eps) A) averaged over each response's
-    tokens, then over the group's k responses. Also returns the clipped fraction of tokens (P,): those
+    """grpo.py's loss with --beta 0 and --agg sequence, per group. logp, rollout_logp, mask: (P, k, T), mask 1 on
+    valid tokens; advantages (P, k). Returns (P,): each response's token mean of -min(rho A, clip(rho, 1 - eps,
+    1 + eps) A), rho = exp(logp - rollout_logp), averaged over the group; and (P,) each group's share of tokens
     whose gradient the clip removes (A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps)."""
-    ratio = torch.exp(logp - rollout_logp)                                            # (P, k, R)
+    ratio = torch.exp((logp - rollout_logp) * mask)                                    # (P, k, T)
     A = advantages[..., None]
-    surrogate = torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)     # (P, k, R)
-    per_response = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)            # (P, k)
-    # the tokens whose gradient the clip removes (as ppo.py and TRL count them)
-    clipped = ((ratio > 1 + clip_eps) & (A > 0) | (ratio < 1 - clip_eps) & (A < 0)).float() * mask
-    return per_response.mean(-1), clipped.sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+    losses = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    losses = losses * mask
+    clipped = ((ratio > 1 + clip_eps) & (A > 0) | (ratio < 1 - clip_eps) & (A < 0)) * mask
+    return (losses.sum(-1) / mask.sum(-1).clamp(min=1)).mean(-1), clipped.sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
 
 
 def gal_loss(seq_logp, ref_seq_logp, rewards, beta):
     """Group Alignment Loss (Eq. 14): on-policy DPO inside each group. seq_logp (with gradient),
-    ref_seq_logp: (P, k) sequence log-probs (the sum over a response's tokens); rewards: (P, k) in {0, 1}. Mean over every (success,
-    failure) pair of the same group of -log sigmoid(beta * (margin_s - margin_f)), margin =
-    log pi - log pi_ref. Groups without both outcomes have no pairs; no pairs at all gives 0."""
-    margin = seq_logp - ref_seq_logp                                                      # (P, k)
+    ref_seq_logp: (P, k) sequence log-probs (the sum over a response's tokens); rewards: (P, k) in {0, 1}.
+    Mean over every (success, failure) pair of the same group of -log sigmoid(beta * (margin_s - margin_f)),
+    margin = log pi - log pi_ref. Groups without both outcomes have no pairs; no pairs at all gives 0."""
+    margin = seq_logp - ref_seq_logp                                                  # (P, k)
     diff = margin[:, :, None] - margin[:, None, :]                                    # (P, k, k): s row, f column
     pairs = (rewards[:, :, None] > 0.5) & (rewards[:, None, :] < 0.5)                 # (P, k, k)
     losses = -F.logsigmoid(beta * diff)
@@ -164,15 +170,21 @@ def gal_loss(seq_logp, ref_seq_logp, rewards, beta):
 
 
 def sft_nll(logp, mask):
-    """Eq. 5: -log pi(tau | q), the sequence NLL of each teacher trace. logp, mask: (H, R) -> (H,)."""
+    """Eq. 5: -log pi(tau | q), the sequence NLL of each teacher trace. logp, mask: (H, T) -> (H,)."""
     return -(logp * mask).sum(-1)
+
+
+def teacher_trace(row, u):
+    """Multi-teacher SFT: one of the row's teacher responses, uniformly (u in [0, 1)); None if none."""
+    traces = row.get("teacher_responses") or []
+    return traces[int(u * len(traces))] if traces else None
 
 
 def dypo_loss(mid_logp, mid_rollout_logp, mid_mask, mid_ref_seq_logp, mid_rewards, hard_logp, hard_mask,
               alpha, beta_gal, sft_weight, clip_eps):
     """Eq. 4, summed (not averaged) over the Mid and Hard prompts given; Easy prompts add nothing.
-    Mid: mid_logp (with gradient), mid_rollout_logp, mid_mask (M, k, R), mid_ref_seq_logp and
-    mid_rewards (M, k). Hard: hard_logp (with gradient), hard_mask (H, R), one teacher trace each.
+    Mid: mid_logp (with gradient), mid_rollout_logp, mid_mask (M, k, T), mid_ref_seq_logp and
+    mid_rewards (M, k). Hard: hard_logp (with gradient), hard_mask (H, T), one teacher trace each.
     Returns (loss, parts): parts holds detached sums for logging."""
     M = mid_rewards.shape[0]
     grpo, clipfrac = grpo_loss(mid_logp, mid_rollout_logp, grpo_advantages(mid_rewards), mid_mask, clip_eps)  # (M,)
@@ -189,12 +201,6 @@ def dypo_loss(mid_logp, mid_rollout_logp, mid_mask, mid_ref_seq_logp, mid_reward
 
 # ----------------------------------------------------------------------------- training
 
-def teacher_trace(row, u):
-    """Multi-teacher SFT: one of the row's teacher responses, uniformly (u in [0, 1)); None if none."""
-    traces = row.get("teacher_responses") or []
-    return traces[int(u * len(traces))] if traces else None
-
-
 def main():
     args = parse_args(Args)
     d = init_distributed(args.gpus)
@@ -204,7 +210,7 @@ def main():
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
                        args, cut=("teacher_responses",))
     model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
-    reference = load_model(args.model, d, trainable=False)
+    reference = load_model(args.model, d, trainable=False)  # pi_ref of GAL
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     teacher_draws = torch.Generator().manual_seed(args.seed)  # same on every process: global indices
@@ -221,28 +227,29 @@ def main():
     plan = batches(len(rows), args.prompts_per_step, args.steps, args.seed)
     start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
+        # rollout: k responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
+        mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
+        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
+                         args.max_new_tokens, args.temperature)
+        scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
+                              device=d.device)
+        mask, rollout_logp = rollout["response_mask"], rollout["logp"]
+        groups = scores.view(-1, args.group_size)                                      # (P, k)
+        hard, mid = route(groups)  # the gate: Hard -> SFT on a teacher trace, Mid -> GRPO + GAL, Easy -> dropped
+        ref_logp = torch.zeros_like(rollout_logp)  # pi_ref of GAL scores the Mid prompts' responses only
+        with torch.no_grad():
+            for mb in micro_batches(mid.repeat_interleave(k).nonzero().flatten().tolist(), args.micro_batch_size * k):
+                ref_logp[mb] = logprobs(reference, select_rows(rollout, mb))
+
+        # Eq. 4, one optimizer step: per micro-batch, one forward of Mid responses and Hard traces, loss / n_prompts
         u = rank_slice(torch.rand(args.prompts_per_step, generator=teacher_draws).tolist(), d)
-        mine = [rows[i] for i in rank_slice(indices, d)]
-        prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine]
-
-        # 1. rollouts: k samples per prompt, 0/1 rewards, difficulty grading
-        rollout = sample(model, tokenizer, [p for p in prompts for _ in range(k)], d, args.max_new_tokens,
-                         args.temperature)
-        texts = decode_responses(tokenizer, rollout)
-        rewards = torch.tensor([reward(t, r["answer"]) for t, r in zip(texts, [r for r in mine for _ in range(k)])],
-                               device=d.device).view(-1, k)                            # (P, k)
-        hard, mid = route(rewards)
-        W = rollout["prompt_width"]
-        responses = [ids[m.bool()].tolist() for ids, m in zip(rollout["input_ids"][:, W:], rollout["response_mask"])]
-        traces = [teacher_trace(r, x) for r, x in zip(mine, u)]
+        traces = [teacher_trace(mine[q * k], x) for q, x in enumerate(u)]
         no_teacher = int((hard & torch.tensor([t is None for t in traces], device=d.device)).sum())
-
-        # 2. one objective (Eq. 4), one backward per micro-batch: the Mid prompts' k responses and the
-        #    Hard prompts' teacher traces in one forward; the sum over prompts / n_prompts, this process's
-        #    share of the step's prompt count (the gradient all-reduce averages over processes)
-        n_prompts = all_sum(len(mine), d).item() / d.world
-        stats = Counter()
-        for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
+        prompts = [prompt_ids(tokenizer, r["prompt"]) for r in mine[::k]]                 # one per prompt
+        responses = [ids[m.bool()].tolist() for ids, m in zip(rollout["input_ids"][:, rollout["prompt_width"]:], mask)]
+        n_prompts = all_sum(len(groups), d).item() / d.world
+        stats = Counter(hard=hard.sum().item(), mid=mid.sum().item(), no_teacher=no_teacher)  # sums, for the log
+        for mb in micro_batches(list(range(len(groups))), args.micro_batch_size):
             mids = [q for q in mb if mid[q]]
             hards = [q for q in mb if hard[q] and traces[q] is not None]
             rollout_rows = [q * k + i for q in mids for i in range(k)]
@@ -251,29 +258,22 @@ def main():
             weight = 1.0
             if not train_prompts:  # nothing to train here: one zero-weight row keeps FSDP's forwards in step
                 train_prompts, train_responses, weight = prompts[:1], [responses[0] or [tokenizer.eos_token_id]], 0.0
-            batch = pad_batch(train_prompts, train_responses, tokenizer.pad_token_id, d.device)
-            n, R = len(rollout_rows), batch["response_mask"].shape[1]
-            logp, mask = logprobs(model, batch), batch["response_mask"]              # (rows, R)
-            rollout_logp = F.pad(rollout["logp"][rollout_rows], (0, R - rollout["logp"].shape[1]))  # (n, R)
-            with torch.no_grad():  # pi_ref of GAL scores the Mid responses
-                ref_logp = logprobs(reference, select_rows(batch, slice(0, n))) if n else logp.new_zeros(0, R)
-            shape = (len(mids), k, R)
-            loss, parts = dypo_loss(logp[:n].view(shape), rollout_logp.view(shape), mask[:n].view(shape),
-                                    ref_logp.sum(-1).view(len(mids), k), rewards[mids], logp[n:n + len(hards)],
-                                    mask[n:n + len(hards)], args.alpha, args.beta_gal, args.sft_weight, args.clip_eps)
+            b = pad_batch(train_prompts, train_responses, tokenizer.pad_token_id, d.device)
+            logp, m = logprobs(model, b), b["response_mask"]                              # (rows, T)
+            n, shape = len(rollout_rows), (len(mids), k, m.shape[1])  # rows [:n] the Mid responses, then Hard traces
+            loss, parts = dypo_loss(logp[:n].view(shape),
+                                    F.pad(rollout_logp[rollout_rows], (0, m.shape[1] - mask.shape[1])).view(shape),
+                                    m[:n].view(shape), ref_logp[rollout_rows].sum(-1).view(len(mids), k), groups[mids],
+                                    logp[n:n + len(hards)], m[n:n + len(hards)], args.alpha, args.beta_gal,
+                                    args.sft_weight, args.clip_eps)
             loss = weight * loss / n_prompts
             loss.backward()
-            stats.update(parts, loss=loss.item(), hard_trained=len(hards), trained=len(mids) + len(hards))
-        stats.update(hard=hard.sum().item(), mid=mid.sum().item(), reward=rewards.mean().item(),
-                     length=rollout["response_mask"].sum(-1).mean().item(),
-                     truncated=rollout["truncated"].float().mean().item(), no_teacher=no_teacher)
-        keys = sorted(stats)
-        totals = dict(zip(keys, all_sum(torch.tensor([float(stats[x]) for x in keys]), d).tolist()))
+            stats.update(parts, loss=loss.item(), sft=len(hards), trained=len(mids) + len(hards))
+        totals = dict(zip(sorted(stats), all_sum([float(stats[x]) for x in sorted(stats)], d).tolist()))
         loss = totals["loss"] / d.world
         check_finite(loss, step, args.out)
         grad_norm = clip_grad(model, args.max_grad_norm)
-        # a step that trained no prompt (all Easy, or Hard without a teacher trace) has no gradient: no update
-        # (AdamW would still move the weights), and the warm-up counts updates only
+        # no prompt trained (all Easy, or Hard without a trace): no gradient, no update (AdamW would still move)
         if totals["trained"]:
             optimizer.step()
             scheduler.step()
@@ -283,19 +283,23 @@ def main():
                       f"and are skipped (counted in data/hard_without_teacher)")
         no_teacher_total += int(totals["no_teacher"])
         P, n_mid = args.prompts_per_step, max(totals["mid"], 1)
+        clipfrac = totals["clipfrac"] / n_mid
+        rollout_tokens = all_sum(mask.sum(), d).item()
+        n_responses = args.prompts_per_step * args.group_size
         evals = None
         if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
             evals = evaluate_splits(model, tokenizer, args, d)
-        log.log(step, {"train/loss": loss, "route/hard": totals["hard"] / P, "route/mid": totals["mid"] / P,
-                       "route/easy": 1 - (totals["hard"] + totals["mid"]) / P,
-                       "rollout/reward_mean": totals["reward"] / d.world,
-                       "rollout/response_length": totals["length"] / d.world,
-                       "rollout/truncated": totals["truncated"] / d.world,
-                       "sft/nll": totals["nll"] / max(totals["hard_trained"], 1), "grpo/loss": totals["grpo"] / n_mid,
-                       "policy/clipfrac": totals["clipfrac"] / n_mid, "gal/loss": totals["gal"] / max(totals["pairs"], 1),
-                       "gal/pairs": totals["pairs"], "data/hard_without_teacher": no_teacher_total,
-                       "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        log.log(step, {"train/loss": loss, "policy/clipfrac": clipfrac,
+                       "route/hard": totals["hard"] / P, "route/mid": totals["mid"] / P, "gal/pairs": totals["pairs"],
+                       "route/easy": 1 - (totals["hard"] + totals["mid"]) / P, "grpo/loss": totals["grpo"] / n_mid,
+                       "gal/loss": totals["gal"] / max(totals["pairs"], 1),
+                       "sft/nll": totals["nll"] / max(totals["sft"], 1), "data/hard_without_teacher": no_teacher_total,
+                       "rollout/reward_mean": all_sum(scores.sum(), d).item() / n_responses,
+                       "rollout/reward_std": all_sum(groups.std(-1).sum(), d).item() / args.prompts_per_step,
+                       "rollout/response_length": rollout_tokens / n_responses,
+                       "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
+                       "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)
@@ -306,7 +310,8 @@ def main():
     after = evals or evaluate_splits(model, tokenizer, args, d)  # the last step's, if it was evaluated
     save_checkpoint(model, tokenizer, f"{args.out}/model", d)
     log.summary(method="dypo", steps=args.steps, seconds=round(seconds, 1), before=before, after=after,
-                peak_mem_gb=round(peak_mem_gb(d.device), 3), hard_without_teacher=int(no_teacher_total))
+                hard_without_teacher=int(no_teacher_total),
+                peak_mem_gb=round(peak_mem_gb(d.device), 3))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dypo
-from test_scripts import WORLD, SUMMARY_FIELDS, metrics, ok, one_line_error, run, summary
+from test_scripts import SUMMARY_FIELDS, metrics, ok, one_line_error, run, summary
 
 REWARDS = torch.tensor([[0., 0., 0., 0.],    # hard
                         [1., 0., 1., 0.],    # mid, 2 x 2 pairs
@@ -97,11 +97,31 @@ def test_grpo_loss_against_token_loop():
                     rho = math.exp(logp[p, i, t] - old[p, i, t])
                     a = float(adv[p, i])
                     terms.append(-min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a))
-                    clipped += abs(rho - 1) > eps
+                    clipped += a > 0 and rho > 1 + eps or a < 0 and rho < 1 - eps  # what the clip removes
                     n += 1
             per_response.append(sum(terms) / len(terms))
         assert got[p].item() == pytest.approx(sum(per_response) / k, rel=1e-5)
         assert clipfrac[p].item() == pytest.approx(clipped / n)
+
+
+def test_clipfrac_counts_only_the_tokens_whose_gradient_the_clip_removes():
+    """policy/clipfrac (ppo.py, grpo.py, README): a token counts when A > 0 and rho > 1 + eps or A < 0 and
+    rho < 1 - eps; a ratio outside the range on the other side keeps its gradient and does not count."""
+    eps = 0.2
+    rho = torch.tensor([[[1.5, 0.5, 1.1, 0.7], [1.5, 0.5, 0.9, 1.3]]])  # (1, 2, 4)
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.tensor([[[1., 1., 1., 0.], [1., 1., 1., 1.]]])  # the last token of response 0 is padding
+    logp = rho.log().requires_grad_()
+    _, clipfrac = dypo.grpo_loss(logp, torch.zeros_like(rho), adv, mask, eps)
+    naive = sum(mask[0, i, t].item() for i in range(2) for t in range(4)
+                if (adv[0, i] > 0 and rho[0, i, t] > 1 + eps) or (adv[0, i] < 0 and rho[0, i, t] < 1 - eps))
+    assert naive == 2  # rho 1.5 with A > 0 and rho 0.5 with A < 0; not 0.5 with A > 0, 1.5 with A < 0, nor padding
+    assert clipfrac.item() == pytest.approx(naive / mask.sum().item())
+    assert clipfrac.item() != pytest.approx(((rho - 1).abs() > eps).float().mul(mask).sum().item() / mask.sum().item())
+    # and these are exactly the tokens whose gradient is zero
+    dypo.grpo_loss(logp, torch.zeros_like(rho), adv, mask, eps)[0].sum().backward()
+    removed = (logp.grad == 0) & (mask > 0)
+    assert removed.sum().item() == naive
 
 
 def test_grpo_loss_gradient_on_policy_is_advantage_weighted_log_likelihood():
