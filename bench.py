@@ -39,7 +39,7 @@ loaded as is, and is its own teacher.
 Each method's step is a recipe built from common.py plumbing and the method file's own loss
 functions; a method whose file or functions do not exist yet is skipped with a note. Simplifications
 against the method files (the same on every run, so the figures compare): one update per rollout
-(PPO: 1 epoch, 1 minibatch; DPPO: 1 minibatch), one micro-batch per step, DYPO with every group
+(PPO: 1 epoch, 1 minibatch; GRPO, DPPO: 1 minibatch), one micro-batch per step, DYPO with every group
 Mid (GRPO + GAL on all responses, no SFT rows), DPPO with the binary TV divergence (delta 0.15),
 OPD+ with JSD, TrOPD without its guided (teacher-prefix) sample, outliers by top-64 forward KL.
 
@@ -50,6 +50,7 @@ fp32 on CPU, like ours):
             entropy and token-accuracy metrics every step
   dpo       DPOTrainer (sigmoid loss): a reference copy of the model scores each batch (ours: the
             policy scores it before the update, which is what dpo.py precomputes)
+  grpo      GRPOTrainer, beta 0.04, loss_type "grpo" (each response's token mean, then the mean), as ours
   dppo      GRPOTrainer, beta 0 (no reference), loss "dapo" (token mean); no divergence mask
   dypo      GRPOTrainer, beta 0.04 (a reference model scores the rollout, as pi_ref does for GAL)
   opd, opd_plus, tropd
@@ -84,7 +85,7 @@ import torch
 from common import (WORLD, Dist, LogprobModel, UserError, clip_grad, load_model, logprobs, pad_batch, parse_args,
                     run, sample)
 
-METHODS = ["sft", "dpo", "ppo", "dppo", "dypo", "opd", "opd_plus", "tropd"]
+METHODS = ["sft", "dpo", "ppo", "grpo", "dppo", "dypo", "opd", "opd_plus", "tropd"]
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768)
 LOGPROB_VOCAB = 151936
@@ -264,6 +265,27 @@ def ppo_recipe(s):
     return {"generation": generate, "scoring": score, "update": update}, [model, critic]
 
 
+def grpo_recipe(s):
+    import grpo
+    model, reference = s.policy(), s.frozen()
+    optimizer = s.optimizer(model)
+
+    def generate(state):
+        state["rollout"] = s.rollout(model)
+
+    def score(state):
+        with torch.no_grad():
+            state["ref"] = logprobs(reference, state["rollout"])
+        state["advantages"] = grpo.grpo_advantages(s.rewards()).view(-1)
+
+    def update(state):
+        r = state["rollout"]
+        logp = model(r["input_ids"], r["attention_mask"], r["prompt_width"], entropy=True)["logp"]
+        s.step(grpo.grpo_loss(logp, r["logp"], state["ref"], state["advantages"], r["response_mask"], 0.2, 0.04,
+                              "sequence"), optimizer, model)
+    return {"generation": generate, "scoring": score, "update": update}, [model]
+
+
 def dppo_recipe(s):
     import dppo
     model = s.policy()
@@ -379,6 +401,7 @@ RECIPES = {
     "dpo": (dpo_recipe, ["dpo_loss", "concatenated_logps"], "DPOTrainer"),
     "ppo": (ppo_recipe, ["policy_loss", "value_loss", "gae", "token_rewards", "whiten", "Critic", "critic_values"],
             None),
+    "grpo": (grpo_recipe, ["grpo_advantages", "grpo_loss"], "GRPOTrainer"),
     "dppo": (dppo_recipe, ["group_advantages", "binary_divergence", "dppo_mask", "dppo_loss"], "GRPOTrainer"),
     "dypo": (dypo_recipe, ["dypo_loss"], "GRPOTrainer"),
     "opd": (opd_recipe, ["opd_loss", "opd_advantage"], "DistillationTrainer"),
@@ -548,7 +571,8 @@ def time_trl(method, args, folder, teacher_folder):
             trainer = Trainer(model=model, reward_funcs=random_reward, processing_class=tok,
                               train_dataset=Dataset.from_list([{"prompt": text(p)} for p in s.prompts(n)]),
                               args=Config(**config, **generation, per_device_train_batch_size=s.B,
-                                          num_generations=s.G, beta=0.04 if method == "dypo" else 0.0))
+                                          num_generations=s.G, beta=0.0 if method == "dppo" else 0.04,
+                                          **({"loss_type": "grpo"} if method == "grpo" else {})))
         else:  # DistillationTrainer
             trainer = Trainer(model=model, teacher_model=s.frozen(s.teacher_folder).lm, processing_class=tok,
                               train_dataset=Dataset.from_list([{"prompt": text(p)} for p in s.prompts(n)]),

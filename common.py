@@ -38,7 +38,7 @@ import tempfile
 import time
 import typing
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -852,6 +852,26 @@ def micro_batches(items, size):
 
 # ----------------------------------------------------------------------------- sampling
 
+@contextmanager
+def gathered(model):
+    """Under FSDP2, the model's full weights for the block: each unit all-gathers once, at the start,
+    and frees them at the end, instead of gathering every layer in every forward (a generation makes
+    one forward per token). The cost: the unsharded weights in the compute dtype on every process for
+    the block (bf16 on GPU: 2 bytes a parameter). Without FSDP it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            if m is not model:  # (the root keeps FSDP2's own setting for it: no reshard after forward)
+                m.set_reshard_after_forward(True, recurse=False)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0):
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
@@ -870,21 +890,22 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=d.device)
     tokens, logps, valid, top = [], [], [], []
-    out = model(ids, mask, None, position_ids=pos, use_cache=True, logits_to_keep=1)
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
-        tok = logp.argmax(-1) if greedy else _inverse_cdf(logp, d)
-        valid.append(~done)
-        tokens.append(torch.where(done, pad, tok))
-        logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
-        if topk:
-            top.append(logp.topk(topk, -1))
-        done = done | (tok == eos)
-        if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-        pos = pos[:, -1:] + 1
-        out = model(tokens[-1][:, None], mask, None, position_ids=pos, use_cache=True, **{cache: out[cache]})
+    with gathered(model):  # under FSDP: one all-gather for the generation, not one per token
+        out = model(ids, mask, None, position_ids=pos, use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
+            tok = logp.argmax(-1) if greedy else _inverse_cdf(logp, d)
+            valid.append(~done)
+            tokens.append(torch.where(done, pad, tok))
+            logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
+            if topk:
+                top.append(logp.topk(topk, -1))
+            done = done | (tok == eos)
+            if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+            pos = pos[:, -1:] + 1
+            out = model(tokens[-1][:, None], mask, None, position_ids=pos, use_cache=True, **{cache: out[cache]})
     model.train(was_training)
     response = torch.stack(tokens, 1)                                      # (B, R)
     response_mask = torch.stack(valid, 1).float()                          # (B, R)

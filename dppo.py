@@ -211,7 +211,8 @@ def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None
 
 def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_tokens=None):
     """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
-    token mean of max(-A rho, -A clip(rho)). All inputs (B, T); mask 1 on valid tokens."""
+    max(-A rho, -A clip(rho)) summed over valid tokens / n_tokens (default: their count, the token
+    mean). All inputs (B, T); mask 1 on valid tokens."""
     ratio = torch.exp((logp - rollout_logp) * mask)                                    # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)

@@ -153,7 +153,8 @@ def policy_loss(logp, rollout_logp, advantages, mask, clip_eps, n_tokens=None):
 
 
 def value_loss(values, old_values, returns, mask, clip, n_tokens=None):
-    """0.5 * token mean of max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2). Inputs (B, T)."""
+    """0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) summed over valid tokens / n_tokens
+    (default: their count, the token mean). Inputs (B, T)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)            # (B, T)
     losses = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)

@@ -61,6 +61,7 @@ EXPERIMENTS = {
         ("SFT", [f"sft.py {EVAL}"]),
         ("DPO", [f"dpo.py {EVAL}"]),
         ("PPO", [f"ppo.py {EVAL}"]),
+        ("GRPO", [f"grpo.py {EVAL}"]),
         DPPO, DYPO, OPD, OPD_PLUS_JSD, TROPD]),
     "dypo": ("DYPO against SFT then RL and against GRPO alone, on the same budget (100 steps of 32 prompts)", [
         DYPO,

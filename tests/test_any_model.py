@@ -11,8 +11,8 @@ import torch
 import common
 from test_scripts import ok, run, summary, metrics
 
-SCRIPTS = ["sft.py", "dpo.py", "ppo.py", "dppo.py", "dypo.py", "opd.py", "opd_plus.py", "tropd.py"]
-SAMPLING = {"ppo.py", "dppo.py", "dypo.py", "opd.py", "opd_plus.py", "tropd.py"}
+SCRIPTS = ["sft.py", "dpo.py", "ppo.py", "grpo.py", "dppo.py", "dypo.py", "opd.py", "opd_plus.py", "tropd.py"]
+SAMPLING = {"ppo.py", "grpo.py", "dppo.py", "dypo.py", "opd.py", "opd_plus.py", "tropd.py"}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

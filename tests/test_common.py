@@ -461,3 +461,39 @@ def test_batches_partial_last_epoch():
     assert sorted(order[:7]) == list(range(7))
     assert len(set(order[7:])) == 5  # no repeats inside the second epoch
 
+
+
+GATHER_COUNT = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist, common
+from types import SimpleNamespace
+d = common.init_distributed(2)
+model = common.shard_model(common.load_model(sys.argv[2], d), d)
+calls = []
+for name in ("all_gather_single", "all_gather_into_tensor"):  # what FSDP2 gathers with (its name in torch 2.13, before)
+    if hasattr(dist, name):
+        setattr(dist, name, lambda *a, real=getattr(dist, name), **k: calls.append(1) or real(*a, **k))
+torch.manual_seed(0)
+out = common.sample(model, SimpleNamespace(pad_token_id=0, eos_token_id=-1), [[1, 2, 3]] * 2, d, int(sys.argv[3]))
+assert out["input_ids"].shape[1] == 3 + int(sys.argv[3])
+if d.main:
+    print("gathers", len(calls))
+'''
+
+
+def test_generation_gathers_the_sharded_weights_once(tiny_model_dir, tmp_path):
+    """Under FSDP (2 gloo processes) a generation all-gathers each unit's weights once, however many
+    tokens it decodes, not once per token and layer."""
+    import subprocess
+    import sys
+    script = tmp_path / "count.py"
+    script.write_text(GATHER_COUNT)
+    counts = []
+    for n in (2, 12):
+        proc = subprocess.run([sys.executable, str(script), str(common.WORLD.parent), str(tiny_model_dir), str(n)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts.append(int(proc.stdout.split("gathers")[1]))
+    units = 2 + 1  # the tiny model's two decoder layers and the root
+    assert counts == [units, units]
