@@ -70,9 +70,10 @@ def _field_docs(cls):
 # also be finite (argparse's float() accepts "nan" and "inf").
 RANGES = {
     "steps": ">= 1", "epochs": ">= 1", "minibatches": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0",
-    "eval_every": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "prompts_per_step": ">= 1",
-    "group_size": ">= 1", "max_new_tokens": ">= 1", "max_prompt_length": ">= 0", "lr": "> 0",
-    "weight_decay": ">= 0", "max_grad_norm": "> 0", "temperature": "> 0", "gpus": ">= 1", "seed": "[0, 4294967295]",
+    "eval_every": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "generation_batch_size": ">= 0",
+    "prompts_per_step": ">= 1", "group_size": ">= 1", "max_new_tokens": ">= 1", "max_prompt_length": ">= 0",
+    "lr": "> 0", "weight_decay": ">= 0", "max_grad_norm": "> 0", "temperature": "> 0", "gpus": ">= 1",
+    "seed": "[0, 4294967295]",
 }
 
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -101,11 +102,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv=None):
-    """Build an argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as
-    `--flag/--no-flag`, a `Literal[...]` field as a choice, help text from the docstring under each
-    field; an older spelling of a flag still works where `cls.aliases` names it ({field: "--old"}).
-    Then check, before anything is loaded: every numeric value against its range (`flag_ranges`),
-    and the paths (`check_paths`)."""
+    """An argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as `--flag/--no-flag`,
+    a `Literal[...]` field as a choice, help from the docstring under each field, a flag's older spelling
+    where `cls.aliases` names it ({field: "--old"}). Then checked, before anything loads: each numeric
+    value against its range (`flag_ranges`), each choice, the paths (`check_paths`)."""
     parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs, allowed, aliases = _field_docs(cls), flag_ranges(cls), getattr(cls, "aliases", {})
@@ -342,14 +342,11 @@ def _without_dropout(config):
 
 
 def load_model(path, d, trainable=True):
-    """Load a causal LM from a folder or hub id (a folder with config.json and no weights gets a
-    random initialisation, for benchmarks and for building the tiny world). Trained models stay
-    fp32 (bf16 compute comes from autocast / FSDP mixed precision); frozen ones (reference,
-    teacher) load in bf16 under the bf16 policy (GPU). Dropout is off in every model, whatever its
-    config says (as TRL does): the config's dropout probabilities are set to 0 before the model is
-    built (a saved checkpoint's config says 0), and so is every nn.Dropout the code hard-wires;
-    otherwise train mode would add noise to every log-prob and ratio. Then a probe checks that
-    the chunked head gives the log-probs of the model's own forward. Returns a LogprobModel."""
+    """Load a causal LM (a LogprobModel) from a folder or hub id; a folder with config.json and no
+    weights gets a random initialisation (benchmarks, building the tiny world). Trained models stay fp32
+    (bf16 compute from autocast / FSDP); frozen ones load in bf16 under the bf16 policy (GPU). Dropout
+    is off in every model, as in TRL (config probabilities and hard-wired nn.Dropout set to 0: train
+    mode would add noise to every log-prob and ratio). A probe then checks the log-probs (see there)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.bfloat16 if not trainable and bf16_policy(d.device) else torch.float32
     p = Path(path)
@@ -461,11 +458,9 @@ def peak_mem_gb(device):
 
 
 # ----------------------------------------------------------------------------- log-probs
-# Per-token log-probs log pi(y_t | x, y_<t) of the response tokens are what every loss reads. The
-# truth is reference_logprobs(): log_softmax of the model's own logits, gathered at the targets. The
-# fast path, logprobs() through LogprobModel, computes the same numbers from the final hidden states
-# a chunk of rows at a time, applying the family's final-logit transform (logit_transform); a probe
-# at load time compares the two on every model loaded, and the tests compare them on 27 families.
+# Per-token log-probs log pi(y_t | x, y_<t) of the response tokens, what every loss reads. The truth is
+# reference_logprobs(), log_softmax of the model's own logits; the fast path, logprobs(), computes the
+# same numbers chunk by chunk (LogprobModel). A probe compares the two on every model loaded.
 
 # model_type prefix -> the factor its CausalLM multiplies lm_head(h) by (before any soft-cap)
 _LOGIT_SCALE = {
@@ -486,14 +481,11 @@ def logit_transform(config):
 
 
 class LogprobModel(nn.Module):
-    """A Hugging Face causal LM whose forward returns the log-probs of the response tokens only.
-
-    Why a wrapper: the log-probs are computed from the final hidden states a chunk of rows at a
-    time, each chunk under activation checkpointing, so neither the forward nor the backward ever
-    holds more than one chunk's fp32 (rows, vocab) logits; and under FSDP2 this module is the root
-    unit, so its forward hooks gather the embedding, final norm and head like any other layer.
-    The head applies the family's final-logit transform (`logit_transform`), so the log-probs are
-    those of the model's own forward; load_model checks this on every model it loads."""
+    """A Hugging Face causal LM whose forward returns the log-probs of the response tokens only. Why a
+    wrapper: they are computed from the final hidden states a chunk of rows at a time, each chunk under
+    activation checkpointing, so neither forward nor backward holds more than one chunk's fp32 (rows,
+    vocab) logits; and under FSDP2 this module is the root unit, so its hooks gather the embedding,
+    final norm and head like any other layer. The head applies the family's `logit_transform`."""
 
     def __init__(self, lm, chunk_bytes=256 * 2**20):
         super().__init__()
@@ -615,19 +607,14 @@ def _is_text(v):
     return isinstance(v, str) and not _SURROGATE.search(v)
 
 
-def _is_messages(v):
-    return isinstance(v, list) and all(isinstance(m, dict) and _is_text(m.get("role")) and _is_text(m.get("content"))
-                                       for m in v)
+def _is_response(v):  # a string, or a list of {role, content} messages
+    return _is_text(v) or isinstance(v, list) and all(
+        isinstance(m, dict) and _is_text(m.get("role")) and _is_text(m.get("content")) for m in v)
 
 
-def _is_response(v):
-    return _is_text(v) or _is_messages(v)
-
-
-def _is_answer(v):
-    if isinstance(v, bool):  # (a bool is an int to Python)
-        return False
-    return _is_text(v) and bool(v.strip()) or isinstance(v, int) or isinstance(v, float) and math.isfinite(v)
+def _is_answer(v):  # (a bool is an int to Python)
+    return not isinstance(v, bool) and (_is_text(v) and bool(v.strip()) or isinstance(v, int)
+                                        or isinstance(v, float) and math.isfinite(v))
 
 
 _RESPONSE = "a string or a list of {role, content} messages"
@@ -783,12 +770,10 @@ def _config_context(path):
 
 
 def fit_context(rows, tokenizer, args, cut=(), reserve=0):
-    """Fit the training records of --data to the context of the model (and of the teacher, where
-    there is one), at load, before any model is loaded: a record whose prompt leaves no room for
-    --max-new-tokens + `reserve` tokens, or is longer than --max-prompt-length, is dropped; each
-    response of the `cut` fields that does not fit after its prompt (and `reserve` tokens) is
-    cut from the right, and kept as token ids (for response_ids), without EOS. Counts are printed
-    once. Returns the records kept."""
+    """The records of --data that fit the model's (and the teacher's) context, before any model loads:
+    a prompt that leaves no room for --max-new-tokens + `reserve` tokens, or is longer than
+    --max-prompt-length, is dropped; a response of the `cut` fields that does not fit after its prompt
+    is cut from the right and kept as token ids (for response_ids), without EOS. Counts printed once."""
     contexts = [n for n in map(_config_context, (args.model, getattr(args, "teacher", None))) if n]
     context = min(contexts, default=None)
     room = args.max_new_tokens + reserve
@@ -818,10 +803,11 @@ def fit_context(rows, tokenizer, args, cut=(), reserve=0):
     return rows
 
 
-def pad_batch(prompts, responses, pad_id, device):
+def pad_batch(prompts, responses, pad_id, device, width=0):
     """Lists of prompt / response id lists -> dict of (B, T) input_ids and attention_mask, (B, R)
-    response_mask, and prompt_width W: prompts left-padded to W, responses right-padded to R."""
-    W = max(map(len, prompts))
+    response_mask, and prompt_width W: prompts left-padded to W (the longest, or `width`), responses
+    right-padded to R."""
+    W = max(width, *map(len, prompts))
     R = max(map(len, responses))
     ids = torch.full((len(prompts), W + R), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -854,10 +840,9 @@ def micro_batches(items, size):
 
 @contextmanager
 def gathered(model):
-    """Under FSDP2, the model's full weights for the block: each unit all-gathers once, at the start,
-    and frees them at the end, instead of gathering every layer in every forward (a generation makes
-    one forward per token). The cost: the unsharded weights in the compute dtype on every process for
-    the block (bf16 on GPU: 2 bytes a parameter). Without FSDP it does nothing."""
+    """Under FSDP2, the model's full weights for the block: each unit all-gathered once and freed at its
+    end, not once per forward (a generation makes one forward per token). The cost: the unsharded
+    weights in the compute dtype on every process meanwhile (bf16 on GPU: 2 bytes a parameter)."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
@@ -868,63 +853,82 @@ def gathered(model):
     finally:
         for m in units:
             m.reshard()
-            if m is not model:  # (the root keeps FSDP2's own setting for it: no reshard after forward)
-                m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not model, recurse=False)  # (FSDP2 keeps its root's gathered)
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0):
+def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0, micro_batch_size=0,
+           check_every=0):
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
     Returns the pad_batch dict for [prompt | response] plus `logp` (B, R): the log-prob of each
     sampled token under the sampling distribution (logits / temperature), recorded as it is drawn;
     `truncated` (B,) bool: the response hit max_new_tokens without EOS;
     with topk=K also `topk_ids`, `topk_logp` (B, R, K): that distribution's K most likely tokens.
-    Under FSDP every rank runs the same number of decoding steps (each forward is a collective)."""
+    micro_batch_size > 0 decodes that many sequences at a time (a bound on the KV cache), to the same
+    responses. Whether all rows ended is asked every `check_every` tokens (a host sync and a collective,
+    so every rank decodes alike under FSDP): by default every token on CPU, where it costs nothing, every
+    8 on GPU, where it stalls the launch queue; what is decoded past the end is dropped."""
+    B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
+    # inverse-CDF uniforms, step by step: one per row of the GLOBAL batch, alike on every process (each
+    # takes its block), so a seeded run samples the same responses on 1 or N processes and in any
+    # micro-batches; drawn from a copy of the default generator, which then moves as the steps kept would
+    rng = torch.Generator(d.device).set_state(torch.cuda.get_rng_state(d.device) if d.device.type == "cuda"
+                                              else torch.get_rng_state())
+    draws = []
+
+    def uniforms(t, rows):
+        while len(draws) <= t:
+            draws.append(torch.rand(d.world * B, generator=rng, device=d.device)[d.rank * B:(d.rank + 1) * B])
+        return draws[t][rows]
+
+    was_training = model.training
+    model.eval()  # (HF turns the KV cache off in training mode under gradient checkpointing)
+    with gathered(model):
+        parts = [_generate(model, tokenizer, prompts[i:i + n], W, d, max_new_tokens, temperature, greedy, topk,
+                           check_every or (8 if d.device.type == "cuda" else 1),
+                           lambda t, rows=slice(i, i + n): uniforms(t, rows)) for i in range(0, B, n)]
+    model.train(was_training)
+    R = int(all_max(max(int(p["valid"].sum(-1).max()) for p in parts), d).item())  # until the longest one ended
+    for _ in range(0 if greedy else R):
+        torch.rand(d.world * B, device=d.device)
+    cat = {k: torch.cat([F.pad(p[k][:, :R], (0, 0) * (p[k].dim() - 2) + (0, R - min(R, p[k].shape[1])))
+                         for p in parts]) for k in parts[0]}              # (B, R, ...)
+    response_mask, prompt = cat["valid"].float(), pad_batch(prompts, [[]] * B, tokenizer.pad_token_id, d.device)
+    response = torch.where(cat["valid"], cat["tokens"], tokenizer.pad_token_id)   # (B, R)
+    out = dict(input_ids=torch.cat([prompt["input_ids"], response], 1),
+               attention_mask=torch.cat([prompt["attention_mask"], response_mask.long()], 1),
+               response_mask=response_mask, prompt_width=W, logp=cat["logp"] * response_mask,
+               truncated=~((response == tokenizer.eos_token_id) & cat["valid"]).any(-1))
+    return out | ({"topk_logp": cat["topk_logp"], "topk_ids": cat["topk_ids"]} if topk else {})  # (B, R, K)
+
+
+def _generate(model, tokenizer, prompts, W, d, max_new_tokens, temperature, greedy, topk, check_every, uniforms):
+    """Decode prompts (left-padded to W) until every row of every process ended, asked every `check_every`
+    tokens. Returns (b, steps) tokens, logp, valid (not ended before), with topk (b, steps, K) topk_*."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     # the KV cache's argument: `cache` from transformers 5.24 (`past_key_values` warns there), before it the old name
     cache = "cache" if "cache" in inspect.signature(model.lm.forward).parameters else "past_key_values"
-    was_training = model.training
-    model.eval()  # (HF turns the KV cache off in training mode under gradient checkpointing)
-    batch = pad_batch(prompts, [[]] * len(prompts), pad, d.device)
+    batch = pad_batch(prompts, [[]] * len(prompts), pad, d.device, width=W)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=d.device)
-    tokens, logps, valid, top = [], [], [], []
-    with gathered(model):  # under FSDP: one all-gather for the generation, not one per token
-        out = model(ids, mask, None, position_ids=pos, use_cache=True, logits_to_keep=1)
-        for _ in range(max_new_tokens):
-            logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (B, V)
-            tok = logp.argmax(-1) if greedy else _inverse_cdf(logp, d)
-            valid.append(~done)
-            tokens.append(torch.where(done, pad, tok))
-            logps.append(logp.gather(-1, tok[:, None]).squeeze(-1) * (~done))
-            if topk:
-                top.append(logp.topk(topk, -1))
-            done = done | (tok == eos)
-            if all_sum(float(done.all()), d).item() == d.world:  # every rank finished
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-            pos = pos[:, -1:] + 1
-            out = model(tokens[-1][:, None], mask, None, position_ids=pos, use_cache=True, **{cache: out[cache]})
-    model.train(was_training)
-    response = torch.stack(tokens, 1)                                      # (B, R)
-    response_mask = torch.stack(valid, 1).float()                          # (B, R)
-    out = dict(input_ids=torch.cat([ids, response], 1),
-               attention_mask=torch.cat([batch["attention_mask"], response_mask.long()], 1),
-               response_mask=response_mask, prompt_width=ids.shape[1], logp=torch.stack(logps, 1),
-               truncated=~done)
-    if topk:
-        out["topk_logp"] = torch.stack([t.values for t in top], 1)      # (B, R, K)
-        out["topk_ids"] = torch.stack([t.indices for t in top], 1)      # (B, R, K)
-    return out
+    done, steps = torch.zeros(len(prompts), dtype=torch.bool, device=d.device), []
+    out = model(ids, mask, None, position_ids=pos, use_cache=True, logits_to_keep=1)
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / (1.0 if greedy else temperature), -1)  # (b, V)
+        tok = logp.argmax(-1) if greedy else _inverse_cdf(logp, uniforms(t))
+        steps.append(dict(tokens=torch.where(done, pad, tok), logp=logp.gather(-1, tok[:, None]).squeeze(-1),
+                          valid=~done, **dict(zip(("topk_logp", "topk_ids"), logp.topk(topk, -1) if topk else ()))))
+        done = done | (tok == eos)
+        if t + 1 == max_new_tokens or (t + 1) % check_every == 0 and all_sum(float(done.all()), d).item() == d.world:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        pos = pos[:, -1:] + 1
+        out = model(steps[-1]["tokens"][:, None], mask, None, position_ids=pos, use_cache=True, **{cache: out[cache]})
+    return {k: torch.stack([s[k] for s in steps], 1) for k in steps[0]}
 
 
-def _inverse_cdf(logp, d):
-    """Draw one token per row of logp (B, V) by inverse-CDF sampling. One uniform per row of the
-    GLOBAL batch is drawn on every process (all ranks share the RNG state) and each rank uses its
-    own block, so a seeded run samples the same responses on 1 or N processes."""
-    B = logp.shape[0]
-    u = torch.rand(d.world * B, device=logp.device)[d.rank * B:(d.rank + 1) * B]      # (B,)
+def _inverse_cdf(logp, u):
+    """One token per row of logp (B, V), drawn by inverse-CDF sampling with the uniforms u (B,)."""
     cdf = logp.exp().cumsum(-1)                                                        # (B, V)
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
@@ -1073,8 +1077,7 @@ class Logger:
         """Continue a run resumed after step `step`: keep metrics.jsonl's lines up to it and drop the
         later ones, which a killed run may have logged after its last state."""
         if self.d.main:
-            path = self.out / "metrics.jsonl"
-            kept = []
+            path, kept = self.out / "metrics.jsonl", []
             for line in (path.read_text().splitlines() if path.exists() else []):
                 try:
                     if json.loads(line)["step"] <= step:
@@ -1106,41 +1109,30 @@ def check_finite(loss, step, out):
 
 # ----------------------------------------------------------------------------- training state
 
-# Arguments a resumed run may change: how long the run is and how often it saves (a longer --steps
-# continues to the weights of a run that long from the start: the data order and the schedule do not
-# depend on it), where the run folder is, and settings that change memory, not the maths. The process
-# count is compared on its own (--gpus 2 and torchrun with 2 processes are the same command).
+# Arguments a resumed run may change: its length and saving (the data order and the schedule do not
+# depend on --steps), the run folder, and settings of memory, not maths. The process count is compared
+# on its own (--gpus 2 and torchrun with 2 processes are the same command).
 RESUME_MAY_DIFFER = ("steps", "save_every", "eval_every", "resume", "out", "gpus", "gradient_checkpointing",
-                     "offload_teacher")
+                     "offload_teacher", "generation_batch_size")
 
 
 class Checkpointer:
     """The full training state, so that a killed run continues to the weights it would have reached.
-
     With --save-every N (and on SIGTERM), <out>/state/step-<S>/ holds the state after optimizer step S:
-      sharded/*.safetensors  the trained weights and the optimizer's tensors, written and read by
-                             torch.distributed.checkpoint, one file per process (its FSDP shards)
-      state.json             the step, the command that wrote it (method, arguments, process count),
-                             values computed once (accuracy before training), the optimizer's
-                             hyper-parameters and the learning-rate scheduler
-      rng-<rank>.pt          that process's RNG states (torch, CUDA, Python) and the loop's own
-                             generators and buffers
-    and <out>/state/latest names the last complete one. It is replaced (os.replace) only after a new
-    state is complete, so a kill at any moment leaves one. Loading unpickles nothing: safetensors,
-    JSON, and torch.load(weights_only=True) for the RNG tensors. The model for from_pretrained is
-    still written to <out>/model, after the state.
-
-    Used by every method file in the same places: created after the scheduler (on --resume it checks
-    here that the state in --out comes from the same command), `remember` around the evaluations
-    before training, `start_step = resume(log)` before the loop, which then skips the steps done,
-    and at the end of each step `save(step)` every --save-every steps or after a SIGTERM
-    (`sigterm()`), which then `exit(step)`s."""
+    sharded/*.safetensors (the weights and the optimizer's tensors, through torch.distributed.checkpoint,
+    one file per process), state.json (the step, the command that wrote it, values computed once, the
+    optimizer's hyper-parameters and the scheduler) and rng-<rank>.pt (that process's RNG states and the
+    loop's own generators and buffers); <out>/state/latest names the last complete one and is replaced
+    (os.replace) only after a new state is complete. Loading unpickles nothing: safetensors, JSON and
+    torch.load(weights_only=True). The loops create it after the scheduler (on --resume it checks that
+    the state comes from the same command), `remember` the evaluations before training, call
+    `start_step = resume(log)` before the loop, and `save(step)` every --save-every steps or after a
+    SIGTERM (`sigterm()`), which then `exit(step)`s."""
 
     def __init__(self, args, d, tokenizer, model, optimizer, scheduler, **carried):
-        """`carried`: what else the loop needs to continue exactly, by name: another trained module
-        whose parameters the optimizer holds (PPO's critic), a torch.Generator the loop draws from, or
-        a tensor it updates in place (a running count). A run without --resume removes any earlier
-        state in --out, so that a --resume never continues an older run."""
+        """`carried`: what else the loop needs to continue exactly, by name: a trained module the optimizer
+        holds (PPO's critic), a torch.Generator the loop draws from, or a tensor it updates in place. A
+        run without --resume removes any earlier state in --out (a --resume never continues an older run)."""
         self.args, self.d, self.tokenizer, self.model = args, d, tokenizer, model
         self.optimizer, self.scheduler = optimizer, scheduler
         # one module tree over everything trained, so that the optimizer's parameters have names

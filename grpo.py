@@ -100,6 +100,9 @@ class Args:
     """passes over the rollout batch"""
     micro_batch_size: int = 128
     """sequences per forward/backward on one process"""
+    generation_batch_size: int = 0
+    """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
+    once); the responses are the same"""
     max_new_tokens: int = 8
     """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
@@ -209,7 +212,7 @@ def main():
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                         args.max_new_tokens, args.temperature)
+                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]

@@ -73,6 +73,9 @@ class Args:
     """responses sampled per prompt"""
     micro_batch_size: int = 128
     """sequences per forward/backward on one process (gradient accumulation fills the rest)"""
+    generation_batch_size: int = 0
+    """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
+    once); the responses are the same"""
     max_new_tokens: int = 8
     """longest sampled response (and at evaluation)"""
     max_prompt_length: int = 0
@@ -162,7 +165,8 @@ def main():
     start_step, start, evals = ckpt.resume(log), time.time(), None
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
-        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d, args.max_new_tokens)
+        rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d, args.max_new_tokens,
+                         micro_batch_size=args.generation_batch_size)
         rewards = [reward(text, r["answer"]) for text, r in zip(decode_responses(tokenizer, rollout), mine)]
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]  # (B, R) each
         teacher_logp = teacher_logprobs(teacher, rollout, args.micro_batch_size, d, args.offload_teacher)

@@ -84,6 +84,9 @@ class Args:
     """on-policy responses sampled per prompt (plus one guided sample)"""
     micro_batch_size: int = 160
     """sequences per forward/backward on one process (gradient accumulation fills the rest)"""
+    generation_batch_size: int = 0
+    """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
+    once); the responses are the same"""
     max_new_tokens: int = 8
     """longest sampled response (and at evaluation)"""
     max_prompt_length: int = 0
@@ -261,7 +264,7 @@ def main():
         row_prefixes = [prefix if i == G - 1 else [] for prefix in prefixes for i in range(G)]
         on_policy = [i % G < G - 1 for i in range(len(row_prompts))]
         rollout = sample(model, tokenizer, [p + prefix for p, prefix in zip(row_prompts, row_prefixes)], d,
-                         args.max_new_tokens)
+                         args.max_new_tokens, micro_batch_size=args.generation_batch_size)
         rewards = [reward(text, mine[i // G]["answer"])
                    for i, text in enumerate(decode_responses(tokenizer, rollout)) if on_policy[i]]
         train_responses, train_logps, prefix_lens = guided_rows(rollout, row_prefixes, tokenizer.eos_token_id)

@@ -219,25 +219,51 @@ def test_sample_records_topk_of_the_sampling_distribution(model, tok, cpu):
     assert torch.equal(out["topk_ids"][m], want.indices[m])
 
 
-def test_inverse_cdf_sampling_frequencies_and_process_split():
-    """Tokens are drawn with the right probabilities, and the draws of a global batch split over two
-    processes equal those of one process with the same seed (what makes RL runs match on 1 and N)."""
+def test_inverse_cdf_sampling_frequencies():
+    """Tokens are drawn with the right probabilities from the given uniforms."""
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3])
     logp = probs.log().expand(40000, 4)
     torch.manual_seed(0)
-    draws = common._inverse_cdf(logp, common.Dist(0, 1, torch.device("cpu")))
+    draws = common._inverse_cdf(logp, torch.rand(40000))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
     assert freq[1] == 0
 
-    logp = torch.log_softmax(torch.randn(6, 9), -1)
+
+def test_sample_splits_the_global_batch_over_processes(model, tok, cpu, monkeypatch):
+    """Every process draws the uniforms of the whole global batch and uses its own block, so ranks 0
+    and 1 of 2 sample exactly the rows of a one-process run (what makes RL runs match on 1 and N
+    processes; the collectives are identities here, each rank then decodes to its own longest row)."""
+    prompts = [common.prompt_ids(tok, p) for p in PROBLEMS]
     torch.manual_seed(3)
-    one = common._inverse_cdf(logp, common.Dist(0, 1, torch.device("cpu")))
-    halves = []
+    one = common.sample(model, tok, prompts, cpu, 6)
+    monkeypatch.setattr(common, "_all_reduce", lambda x, d, op: torch.as_tensor(x, dtype=torch.float64).clone())
     for rank in (0, 1):
         torch.manual_seed(3)
-        halves.append(common._inverse_cdf(logp[rank * 3:(rank + 1) * 3], common.Dist(rank, 2, torch.device("cpu"))))
-    assert torch.equal(one, torch.cat(halves))
+        half = common.sample(model, tok, prompts[rank * 4:(rank + 1) * 4], common.Dist(rank, 2, cpu.device), 6)
+        R, rows = half["response_mask"].shape[1], slice(rank * 4, (rank + 1) * 4)
+        assert torch.equal(half["input_ids"][:, half["prompt_width"]:], one["input_ids"][rows, one["prompt_width"]:][:, :R])
+        assert torch.equal(half["response_mask"], one["response_mask"][rows, :R])
+        assert one["response_mask"][rows, R:].sum() == 0
+
+
+def test_sample_same_responses_in_micro_batches_and_with_rare_checks(model, tok, cpu):
+    """Generation in micro-batches (a bound on the KV cache) and with the all-ended check every few
+    tokens (no host sync per token) samples exactly the responses of one batch checked every token,
+    records the same log-probs (to float rounding) and leaves the RNG where it would have left it."""
+    prompts = [common.prompt_ids(tok, p) for p in PROBLEMS * 3] + [common.prompt_ids(tok, "1")]
+    torch.manual_seed(7)
+    want, after = common.sample(model, tok, prompts, cpu, 6, topk=3), torch.rand(4)
+    for kw in ({"check_every": 4}, {"micro_batch_size": 5}, {"micro_batch_size": 4, "check_every": 3}):
+        torch.manual_seed(7)
+        got = common.sample(model, tok, prompts, cpu, 6, topk=3, **kw)
+        assert torch.equal(torch.rand(4), after), kw  # the next draws do not depend on how it decoded
+        for k in ("input_ids", "attention_mask", "response_mask", "truncated"):
+            assert torch.equal(got[k], want[k]), (kw, k)
+        valid = want["response_mask"].bool()
+        assert torch.equal(got["topk_ids"][valid], want["topk_ids"][valid])
+        torch.testing.assert_close(got["logp"], want["logp"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["topk_logp"][valid], want["topk_logp"][valid], atol=1e-5, rtol=0)
 
 
 def test_sample_greedy_is_deterministic_argmax(model, tok, cpu):

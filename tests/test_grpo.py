@@ -231,5 +231,16 @@ def test_two_processes_match_one(one_process, small_eval, tmp_path):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-4), key
 
 
+def test_generation_in_micro_batches_samples_the_same(one_process, small_eval, tmp_path):
+    """--generation-batch-size 6 (a bound on the KV cache) samples exactly the responses of the whole
+    rollout in one call, so the run is the same up to float rounding of the log-probs."""
+    _, one = one_process
+    ok(run("grpo.py", *SMALL, *small_eval, "--generation-batch-size", 6, "--out", tmp_path / "mb"))
+    a, b = metrics(one), metrics(tmp_path / "mb")
+    for key in ("rollout/reward_mean", "rollout/response_length", "rollout/reward_std"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert [r["train/loss"] for r in a] == pytest.approx([r["train/loss"] for r in b], abs=1e-4)
+
+
 def test_bad_agg_is_one_error_line(tmp_path):
     one_line_error(run("grpo.py", "--agg", "mean", "--out", tmp_path), "--agg", "mean")
