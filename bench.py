@@ -65,11 +65,24 @@ The log-prob memory table: the peak memory of per-token log-probs, forward and b
 B x T tokens over a 151,936-token vocabulary (a one-layer, 64-wide Qwen2 with that head), ours
 (common.LogprobModel, a chunked head) against the naive `log_softmax(logits).gather(...)`, each in a
 fresh process; --logprob-tokens sets the B x T values ("" skips it).
+
+The generation table: sample() alone, on 1 process and on N (--generation-processes; on CPU gloo
+processes of one thread each, so each process has a core as the single one does), each process
+decoding the same work: 16 prompts of --prompt-len tokens and 64 new tokens on CPU (GPU: 64 prompts,
+--response-len new tokens), EOS ignored; total tok/s = new tokens of all processes / wall time,
+median of 3 after 1 warm-up. Beside it, the same with FSDP's gather per forward (the weights
+all-gathered for every decoded token, as before common.gathered) and, on 1 process, Hugging Face's
+`model.generate` (sampling, min_new_tokens = max_new_tokens). Its model on CPU is a Qwen2 shape of
+hidden 256, 4 layers and a 32k vocabulary with random weights (the tiny student decodes too little to
+measure); on GPU, --model.
 """
 
+import contextlib
 import os
 import platform
+import queue
 import resource
+import socket
 import statistics
 import tempfile
 import time
@@ -82,13 +95,16 @@ from types import SimpleNamespace
 
 import torch
 
+import common
 from common import (WORLD, Dist, LogprobModel, UserError, clip_grad, load_model, logprobs, pad_batch, parse_args,
-                    run, sample)
+                    run, sample, shard_model)
 
 METHODS = ["sft", "dpo", "ppo", "grpo", "dppo", "dypo", "opd", "opd_plus", "tropd"]
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768)
 LOGPROB_VOCAB = 151936
+GEN_CPU = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=1024, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096)
 
 
 @dataclass
@@ -119,6 +135,8 @@ class Args:
     """peak dense bf16 TFLOP/s of the GPU, for MFU (989: H100 SXM)"""
     logprob_tokens: str = "512,2048"
     """B x T token counts of the log-prob memory table (empty: skip it)"""
+    generation_processes: str = "1,2"
+    """process counts of the generation table (empty: skip it)"""
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -139,14 +157,18 @@ def model_folders(name, workdir):
     if name == "tiny":
         return WORLD / "student", WORLD / "teacher_large"
     if name == "qwen2-0.5b":
-        from transformers import AutoModelForCausalLM, Qwen2Config
-        folder = Path(workdir) / name
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(Qwen2Config(**QWEN2_05B)).save_pretrained(folder)
+        folder = random_qwen2(Path(workdir) / name, QWEN2_05B)
         return folder, folder
     if not (Path(name) / "config.json").is_file():
         raise UserError(f"--model '{name}' is neither tiny, qwen2-0.5b nor a folder with a config.json")
     return Path(name), Path(name)
+
+
+def random_qwen2(folder, shape):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen2Config(**shape)).save_pretrained(folder)
+    return folder
 
 
 class Setup:
@@ -612,6 +634,82 @@ def logprob_memory(n_tokens, naive, device):
     return memory_peak(device, mark)
 
 
+def generation_rate(rank, world, port, device, folder, work, per_token_gather, results):
+    """Total sampling tok/s of `world` processes (this is one of them), each decoding `work` = (prompts,
+    prompt tokens, new tokens); with per_token_gather, FSDP gathers the weights for every forward
+    (common.gathered switched off); rank 0 puts {"sample", "generate"} tok/s into `results`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cpu":
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    quiet()
+    d = common.init_distributed(world)
+    if per_token_gather:
+        common.gathered = lambda model: contextlib.nullcontext()
+    B, P, R = work
+    model = shard_model(load_model(folder, d), d)
+    vocab = model.lm.config.vocab_size
+    prompts = torch.randint(1, vocab - 1, (B, P), generator=torch.Generator().manual_seed(rank)).tolist()
+    no_eos = SimpleNamespace(pad_token_id=0, eos_token_id=-1)
+
+    def rate(decode, repeats=3):
+        times = []
+        for rep in range(1 + repeats):
+            common.all_sum(0.0, d)  # (a barrier)
+            sync(d.device)
+            start = time.perf_counter()
+            decode()
+            sync(d.device)
+            common.all_sum(0.0, d)
+            times.append(time.perf_counter() - start)
+        return world * B * R / statistics.median(times[1:])
+
+    row = {"sample": rate(lambda: sample(model, no_eos, prompts, d, R))}
+    if world == 1:
+        ids = torch.tensor(prompts, device=d.device)
+        with common.autocast(d.device):
+            row["generate"] = rate(lambda: model.lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                                             max_new_tokens=R, min_new_tokens=R, pad_token_id=0))
+    if d.main:
+        results.put(row)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def generation_table(counts, device, folder, work):
+    """The generation table's rows: processes, sample() tok/s in total (with one gather per generation and
+    with one per token), model.generate tok/s (1 process)."""
+    ctx, lines = get_context("spawn"), []
+    for world in counts:
+        row = {}
+        for per_token in ((False, True) if world > 1 else (False,)):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            results = ctx.Queue()
+            procs = [ctx.Process(target=generation_rate, args=(r, world, port, device, folder, work, per_token, results))
+                     for r in range(world)]
+            for p in procs:
+                p.start()
+            while True:  # (a process that fails puts nothing: stop the others rather than wait for ever)
+                try:
+                    out = results.get(timeout=1)
+                    break
+                except queue.Empty:
+                    if any(p.exitcode not in (None, 0) for p in procs):
+                        for p in procs:
+                            p.terminate()
+                        raise RuntimeError(f"a generation process failed on {world} process(es)") from None
+            for p in procs:
+                p.join()
+            row.update({"per token": out["sample"]} if per_token else out)
+        lines.append([str(world), f"{row['sample']:.0f}", f"{row['sample'] / world:.0f}",
+                      fmt(row.get("per token"), ".0f"), fmt(row.get("generate"), ".0f")])
+        print(f"# generation on {world} process(es) done", flush=True)
+    return lines
+
+
 # ----------------------------------------------------------------------------- the report
 
 def machine(device):
@@ -667,6 +765,13 @@ def main():
         token_counts = [int(x) for x in args.logprob_tokens.split(",") if x]
     except ValueError:
         raise UserError(f"--logprob-tokens must be comma-separated integers, not '{args.logprob_tokens}'") from None
+    try:
+        gen_counts = [int(x) for x in args.generation_processes.split(",") if x]
+    except ValueError:
+        gen_counts = [0]
+    if any(n < 1 for n in gen_counts) or gpu and max(gen_counts, default=1) > torch.cuda.device_count():
+        raise UserError(f"--generation-processes must be comma-separated process counts of at least 1"
+                        f"{' and at most the visible GPUs' if gpu else ''}, not '{args.generation_processes}'")
     trl = trl_version()
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
@@ -730,6 +835,15 @@ def main():
                 ours = in_fresh_process(logprob_memory, n, False, args.device)
                 lines.append([str(n), f"{n * LOGPROB_VOCAB * 4 / 2**30:.2f}", f"{naive:.2f}", f"{ours:.2f}"])
             print(table(["B x T", "one fp32 (BxT, V) GB", "naive peak GB", "ours peak GB"], lines))
+
+        if gen_counts:
+            gen_folder = folder if gpu else random_qwen2(Path(workdir) / "generation", GEN_CPU)
+            work = (64, args.prompt_len, args.response_len) if gpu else (16, args.prompt_len, 64)
+            print(f"\n# generation: sample() alone, each process {work[0]} prompts x ({work[1]} prompt + {work[2]} new) "
+                  f"tokens{'' if gpu else ', one thread per process'}; tok/s = new tokens of all processes / wall time",
+                  flush=True)
+            print(table(["processes", "sample() tok/s", "per process", "gather per token tok/s", "model.generate tok/s"],
+                        generation_table(gen_counts, args.device, gen_folder, work)))
 
 
 if __name__ == "__main__":

@@ -866,8 +866,9 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     with topk=K also `topk_ids`, `topk_logp` (B, R, K): that distribution's K most likely tokens.
     micro_batch_size > 0 decodes that many sequences at a time (a bound on the KV cache), to the same
     responses. Whether all rows ended is asked every `check_every` tokens (a host sync and a collective,
-    so every rank decodes alike under FSDP): by default every token on CPU, where it costs nothing, every
-    8 on GPU, where it stalls the launch queue; what is decoded past the end is dropped."""
+    so every rank decodes alike under FSDP): by default every token on one CPU process, where it costs
+    nothing, else every 8 (a sync stalls a GPU's launch queue; a collective costs gloo processes about a
+    fifth of their speed); what is decoded past the end is dropped."""
     B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
     # inverse-CDF uniforms, step by step: one per row of the GLOBAL batch, alike on every process (each
     # takes its block), so a seeded run samples the same responses on 1 or N processes and in any
@@ -885,7 +886,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     model.eval()  # (HF turns the KV cache off in training mode under gradient checkpointing)
     with gathered(model):
         parts = [_generate(model, tokenizer, prompts[i:i + n], W, d, max_new_tokens, temperature, greedy, topk,
-                           check_every or (8 if d.device.type == "cuda" else 1),
+                           check_every or (1 if d.device.type == "cpu" and d.world == 1 else 8),
                            lambda t, rows=slice(i, i + n): uniforms(t, rows)) for i in range(0, B, n)]
     model.train(was_training)
     R = int(all_max(max(int(p["valid"].sum(-1).max()) for p in parts), d).item())  # until the longest one ended

@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny random Qwen2 model built offline with the world builder's helpers."""
+"""Shared fixtures: a tiny random Qwen2 model built offline with the world builder's helpers, and
+deprecation and future warnings made errors."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,17 @@ import common  # noqa: E402
 from world.build import make_init, make_tokenizer  # noqa: E402  (world/ is a namespace package)
 
 torch.set_num_threads(1)  # the machine is shared: stay on one core
+
+# A deprecation or future warning (transformers', torch's, anyone's) raised while our code runs is an
+# error: in this process and, through the environment, in every script and process a test starts. So
+# the next API change fails CI rather than warning on a user's screen.
+WARNINGS_AS_ERRORS = "error::DeprecationWarning,error::FutureWarning"
+os.environ["PYTHONWARNINGS"] = WARNINGS_AS_ERRORS
+
+
+def pytest_configure(config):
+    for rule in WARNINGS_AS_ERRORS.split(","):
+        config.addinivalue_line("filterwarnings", rule)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ def table_rows(out, first_column):
 
 def test_smoke_one_step():
     proc = ok(run("bench.py", "--methods", "sft,dpo", "--repeats", 1, "--warmup", 0, "--batch-size", 8,
-                  "--prompt-len", 4, "--response-len", 4, "--logprob-tokens", "", timeout=120))
+                  "--prompt-len", 4, "--response-len", 4, "--logprob-tokens", "", "--generation-processes", "",
+                  timeout=120))
     header, rows = table_rows(proc.stdout, "method")
     assert header[:7] == ["method", "gen s", "score s", "update s", "step s", "tok/s", "peak GB"]
     assert [r["method"] for r in rows] == ["sft", "dpo"]
@@ -47,6 +48,17 @@ def test_smoke_one_step():
     assert abs(float(r["tok/s"]) - 8 * 8 / float(r["step s"])) <= 0.1 * float(r["tok/s"])
     assert re.search(r"# machine: CPU .*torch", proc.stdout)
     assert "log-prob memory" not in proc.stdout  # --logprob-tokens "" skips that table
+    assert "# generation" not in proc.stdout    # and --generation-processes "" the generation table
+
+
+def test_generation_table(tiny_model_dir):
+    """The generation table's measurement on 1 and 2 gloo processes: a row per process count, sample()'s
+    total and per-process rates, the per-token-gather rate beside it on 2, model.generate on 1."""
+    rows = bench.generation_table([1, 2], "cpu", tiny_model_dir, (2, 3, 4))
+    assert [r[0] for r in rows] == ["1", "2"]
+    one, two = rows
+    assert float(one[1]) == float(one[2]) > 0 and one[3] == "-" and float(one[4]) > 0
+    assert abs(float(two[1]) / 2 - float(two[2])) <= 1 and float(two[3]) > 0 and two[4] == "-"
 
 
 def test_logprob_memory_runs():
@@ -59,3 +71,4 @@ def test_logprob_memory_runs():
 def test_bad_input():
     one_line_error(run("bench.py", "--methods", "sft,nope"), "unknown method 'nope'")
     one_line_error(run("bench.py", "--methods", "sft", "--batch-size", 6, "--group-size", 4), "--batch-size 6")
+    one_line_error(run("bench.py", "--generation-processes", "1,x"), "--generation-processes must be")

@@ -523,3 +523,17 @@ def test_generation_gathers_the_sharded_weights_once(tiny_model_dir, tmp_path):
         counts.append(int(proc.stdout.split("gathers")[1]))
     units = 2 + 1  # the tiny model's two decoder layers and the root
     assert counts == [units, units]
+
+
+def test_library_warnings_fail_the_tests():
+    """CI's guard against the next API change: a deprecation or future warning raised inside a script
+    a test runs ends it with an error, as it does in the tests' own process."""
+    import subprocess
+    import sys
+    import warnings
+    for category in ("DeprecationWarning", "FutureWarning"):
+        proc = subprocess.run([sys.executable, "-c", f"import warnings; warnings.warn('old', {category})"],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and category in proc.stderr
+    with pytest.raises(FutureWarning):
+        warnings.warn("old", FutureWarning)
