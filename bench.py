@@ -97,7 +97,7 @@ import torch
 
 import common
 from common import (WORLD, Dist, LogprobModel, UserError, clip_grad, load_model, logprobs, pad_batch, parse_args,
-                    run, sample, shard_model)
+                    quiet_libraries, run, sample, shard_model)
 
 METHODS = ["sft", "dpo", "ppo", "grpo", "dppo", "dypo", "opd", "opd_plus", "tropd"]
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -480,14 +480,6 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
-def quiet():
-    import warnings
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def import_libraries(*modules, folder):
     """Import what a measurement uses (and the model's class) before the memory baseline, so the
     libraries' own footprint is not counted as the method's."""
@@ -501,7 +493,7 @@ def import_libraries(*modules, folder):
 
 def time_ours(method, args, folder, teacher_folder):
     """Median phase times, tokens/s, peak memory and MFU of `method`'s step (run in its own process)."""
-    quiet()
+    quiet_libraries()
     d = Dist(0, 1, torch.device(args.device))
     try:
         import_libraries(method, folder=folder)
@@ -536,7 +528,7 @@ def time_ours(method, args, folder, teacher_folder):
 
 def time_trl(method, args, folder, teacher_folder):
     """TRL's nearest trainer on the same model, batch and lengths: median step time and peak memory."""
-    quiet()
+    quiet_libraries()
     import trl
     from datasets import Dataset, disable_progress_bars
     from transformers import PrinterCallback, TrainerCallback
@@ -613,7 +605,7 @@ def logprob_memory(n_tokens, naive, device):
     """Peak memory (GB) of the per-token log-probs of n_tokens response tokens, forward and backward,
     over a 151,936-token vocabulary: ours (LogprobModel's chunked head) or naive (full logits)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
-    quiet()
+    quiet_libraries()
     device = torch.device(device)
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=LOGPROB_VOCAB, hidden_size=64, intermediate_size=128,
@@ -643,7 +635,7 @@ def generation_rate(rank, world, port, device, folder, work, per_token_gather, r
     if device == "cpu":
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
-    quiet()
+    quiet_libraries()
     d = common.init_distributed(world)
     if per_token_gather:
         common.gathered = lambda model: contextlib.nullcontext()

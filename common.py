@@ -21,6 +21,7 @@ every response starts at column W = `prompt_width`. Response tensors are (B, R) 
 import argparse
 import ast
 import dataclasses
+import fcntl
 import inspect
 import json
 import math
@@ -44,7 +45,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -172,15 +175,57 @@ def check_paths(args):
             if name == "teacher" and exists and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
                 raise UserError(f"--teacher '{path}' holds no weights (*.safetensors or *.bin): a teacher must be "
                                 f"a trained model")
-    if "out" in names:
+    if "out" in names:  # created here, before any model loads (a refused run leaves it empty)
         out, exists = _existing(args.out, "out")
         if exists and not out.is_dir():
             raise UserError(f"--out '{out}' is a file; give a folder for the run")
-        first = next(p for p in (out, *out.parents) if p.exists())  # the folder the run's folders go into
-        if not first.is_dir():
-            raise UserError(f"--out '{out}' cannot be created: '{first}' is a file")
-        if not os.access(first, os.W_OK | os.X_OK):
-            raise UserError(f"--out '{out}' cannot be created or written: no write permission in '{first}'")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "no write permission" if isinstance(e, PermissionError) else e.strerror or e
+            raise UserError(f"--out '{out}' cannot be created ({why})") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UserError(f"--out '{out}' cannot be written: no write permission")
+        if int(os.environ.get("RANK", 0)) == 0:  # (the other processes of a run come after its first holds it)
+            other = _locked_by(out / LOCK)
+            if other:
+                raise UserError(f"--out '{out}' is in use by another run ({other}); let it end, or give another --out")
+
+
+LOCK = ".lock"  # in --out: held (flock) by the run writing there, until its process ends, however it ends
+_held = {}      # the locks this process holds, by path
+
+
+def _locked_by(path):
+    """Who holds the lock file `path` ('process <pid> on <host>'), or None when no live process does."""
+    if Path(path).resolve() in _held:
+        return None
+    try:
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                return f.read().strip() or "a process"
+    except OSError:
+        return None
+
+
+def lock_out(out):
+    """Take the run folder's lock (a second run on it then stops at start-up), held until run() returns
+    or the process ends, however it ends (so a dead run's folder is not blocked)."""
+    path = (Path(out) / LOCK).resolve()
+    if path not in _held:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"--out '{out}' is in use by another run ({f.read().strip() or 'a process'})") from None
+        f.truncate(0)
+        f.write(f"process {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        _held[path] = f
 
 
 # ----------------------------------------------------------------------------- errors
@@ -189,8 +234,28 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, exit status 1."""
 
 
+VERBOSE = "POSTTRAIN_VERBOSE"  # =1: the libraries' own progress bars, logs and warnings as well as ours
+
+
+def quiet_libraries():
+    """Silence transformers' and huggingface_hub's progress bars and logs, and Python warnings, unless
+    VERBOSE=1 or the user chose warning filters (python -W, PYTHONWARNINGS: the tests make deprecations
+    errors). Through the environment it holds in the processes --gpus N starts too."""
+    if os.environ.get(VERBOSE) == "1":
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
+    if "transformers" in sys.modules:  # (it reads the environment when first imported)
+        from transformers.utils import logging
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def run(main):
-    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 1."""
+    """Call main() with quiet libraries; a UserError becomes `error: <message>` on stderr and exit status 1."""
+    quiet_libraries()
     try:
         main()
     except UserError as e:
@@ -200,6 +265,9 @@ def run(main):
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        while _held:  # the run folder is free again (for a main() run again in this process)
+            _held.popitem()[1].close()
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -306,13 +374,36 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _cannot_load(what, path, e):
+    """The UserError for a model or tokenizer that failed to load: the damaged file when a local folder
+    holds one (a JSON file that does not parse, a safetensors file its header does not cover, as an
+    interrupted copy leaves them), else what the library said."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return UserError(f"cannot load {what} '{path}': no such folder, and it is not on the Hugging Face hub or "
+                         f"in its cache (offline?) [{type(e).__name__}]")
+    for f in sorted(folder.iterdir()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(f, "pt"):
+                    pass
+        except Exception as damage:  # (safetensors' SafetensorError is neither an OSError nor a ValueError)
+            return UserError(f"cannot load {what} '{path}': '{f.name}' is damaged or unreadable ({_first_line(damage)})")
+    return UserError(f"cannot load {what} '{path}': {type(e).__name__}: {_first_line(e)}")
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from '{path}': no such folder, or it is not on the "
-                        f"Hugging Face hub or in its cache (offline?) [{type(e).__name__}]") from None
+    except Exception as e:  # a missing or damaged file surfaces as anything from OSError to the tokenizers' own
+        raise _cannot_load("a tokenizer from", path, e) from None
     if tok.pad_token_id is None:  # Llama-style tokenizers ship without one; any id works, it is masked
         tok.pad_token = tok.eos_token
     return tok
@@ -357,9 +448,8 @@ def load_model(path, d, trainable=True):
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
             lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model '{path}': no such folder, and it is not on the Hugging Face "
-                        f"hub or in its cache (offline?) [{type(e).__name__}]") from None
+    except Exception as e:  # as for the tokenizer
+        raise _cannot_load("model", path, e) from None
     for m in lm.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -412,24 +502,43 @@ def warmup_schedule(optimizer, warmup_steps):
 
 def save_checkpoint(model, tokenizer, path, d):
     """save_pretrained (safetensors) into a temporary sibling folder, then rename it into place, so
-    `path` is always either the previous complete checkpoint or the new complete one."""
+    `path` is always either the previous complete checkpoint or the new complete one (a write that
+    fails, as on a full disk, stops the run with one line and leaves the previous one)."""
     state = None
     if d.world > 1:  # gather the full state dict on rank 0
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.main:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        model.lm.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    if d.world > 1:
-        dist.barrier()
+    path, tmp = Path(path), None
+    with writing(path, d, cleanup=lambda: tmp and shutil.rmtree(tmp, ignore_errors=True)):
+        if d.main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            model.lm.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def writing(path, d, cleanup=None):
+    """Every process runs the block's writes; one that fails on any process (a full disk, a quota, a
+    folder gone) stops them all with one line naming `path`, after cleanup() on the main process. The
+    processes agree through a collective, so none waits for ever on one that failed."""
+    error = None
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:  # (what torch.save, safetensors
+        # and torch.distributed.checkpoint raise for an OSError beneath)
+        error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+    failed = all_max(float(error is not None), d).item() > 0 if d.world > 1 else error is not None
+    if failed:
+        if d.main and cleanup:
+            cleanup()
+        why = f"{type(error).__name__}: {_first_line(error)}" if error else "another process failed to write"
+        raise UserError(f"cannot write '{path}' ({why}); the last complete one is untouched")
 
 
 def check_same_tokenizer(student, teacher, teacher_path):
@@ -1025,13 +1134,19 @@ class Logger:
 
     def __init__(self, out, d, total_steps, args):
         self.d, self.out, self.max_new_tokens = d, Path(out), args.max_new_tokens
-        self.warned_truncation = False
-        self.bar = tqdm(total=total_steps, disable=not d.main, dynamic_ncols=True)
+        self.warned_truncation, self.total, self.bar = False, total_steps, None  # (the bar: start())
         if d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not args.resume:  # a resumed run keeps the lines up to its state's step (Logger.resume)
-                (self.out / "metrics.jsonl").write_text("")
-            (self.out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            if not args.resume:  # a resumed run keeps the lines up to its state's step (start())
+                self._write("metrics.jsonl", "")
+            self._write("args.json", json.dumps(dataclasses.asdict(args), indent=2))
+
+    def _write(self, name, text, mode="w"):
+        """Write (or append) a file of the run folder; an OS error (a full disk, ...) stops the run with one line."""
+        try:
+            with (self.out / name).open(mode) as f:
+                f.write(text)
+        except OSError as e:
+            raise UserError(f"cannot write '{self.out / name}' ({type(e).__name__}: {_first_line(e)})") from None
 
     def banner(self, args, batch_size, micro_batch_size, unit):
         """Print the arguments and the batch arithmetic once at start-up."""
@@ -1068,16 +1183,17 @@ class Logger:
             return
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         self.warn_truncation(metrics.get("rollout/truncated", 0.0), f"the sampled responses of step {step}")
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._write("metrics.jsonl", json.dumps({"step": step, **metrics}) + "\n", mode="a")
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                              if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")}, refresh=False)
+                                 if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")},
+                                refresh=False)
         self.bar.update(1)
 
-    def resume(self, step):
-        """Continue a run resumed after step `step`: keep metrics.jsonl's lines up to it and drop the
-        later ones, which a killed run may have logged after its last state."""
-        if self.d.main:
+    def start(self, step):
+        """Start the progress bar at the loop's first step, after `step` (0, or the step a resumed run
+        continues after: metrics.jsonl keeps its lines up to it and drops the later ones, which a killed
+        run may have logged after its last state)."""
+        if self.d.main and step:
             path, kept = self.out / "metrics.jsonl", []
             for line in (path.read_text().splitlines() if path.exists() else []):
                 try:
@@ -1085,8 +1201,8 @@ class Logger:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                     pass
-            path.write_text("".join(kept))
-        self.bar.update(step)
+            self._write("metrics.jsonl", "".join(kept))
+        self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write <out>/summary.json (the fields, and the
@@ -1096,7 +1212,7 @@ class Logger:
         fields.update({f"{k}_{when}": s[k] for when, s in (("before", before), ("after", after)) for k in s})
         if self.d.main:
             text = json.dumps(fields, indent=2)
-            (self.out / "summary.json").write_text(text + "\n")
+            self._write("summary.json", text + "\n")
             print(text, flush=True)
 
 
@@ -1142,6 +1258,8 @@ class Checkpointer:
         self.root = Path(args.out) / "state"
         self.method = Path(sys.modules[type(args).__module__].__file__).stem
         self.values, self.state, self.stop_at = {}, None, None
+        if d.main:
+            lock_out(args.out)
         if args.resume:
             self.state = self._read_state()
             self.values = dict(self.state["values"])
@@ -1154,16 +1272,30 @@ class Checkpointer:
         return {"method": self.method, "processes": self.d.world, "args": args}
 
     def _read_state(self):
-        """state.json of the latest state in --out, after checking it was written by this command."""
-        out = self.args.out
-        try:
-            folder = self.root / (self.root / "latest").read_text().strip()
-            state = json.loads((folder / "state.json").read_text())
-        except FileNotFoundError:
-            raise UserError(f"--resume: no training state in {out} (one is written every --save-every steps "
-                            f"and on SIGTERM)") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"--resume: the training state in {out} cannot be read ({e})") from None
+        """state.json of the newest complete state in --out that reads (one warning for each newer one
+        that does not), after checking it was written by this command."""
+        out, damage = self.args.out, None
+        for done in sorted(self.root.glob("step-*/state.json"), reverse=True):  # (state.json is written last)
+            folder = done.parent
+            try:
+                state = json.loads(done.read_text())
+                shards = sorted((folder / "sharded").glob("*.safetensors"))
+                if not shards:
+                    raise FileNotFoundError(f"no weight shards in {folder / 'sharded'}")
+                for f in shards:
+                    with safe_open(f, "pt"):  # the header covers the file, as a cut copy's does not
+                        pass
+                for rank in range(state["processes"]):
+                    torch.load(folder / f"rng-{rank}.pt", weights_only=True)
+                break
+            except Exception as e:  # anything a damaged file raises, from OSError to safetensors' own
+                damage = f"{folder} cannot be read ({type(e).__name__}: {_first_line(e)})"
+                if self.d.main:
+                    tqdm.write(f"warning: --resume: the state {damage}; trying the one before")
+        else:
+            raise UserError(f"--resume: no training state in {out} can be read (the newest: {damage})" if damage
+                            else f"--resume: no training state in {out} (one is written every --save-every steps "
+                                 f"and on SIGTERM)")
         mine = self._identity()
         if state["method"] != mine["method"]:
             raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, "
@@ -1207,37 +1339,43 @@ class Checkpointer:
         return tensors, model_state, optim_state
 
     def save(self, step):
-        """Write the state after optimizer step `step`, then <out>/model. Every process calls it."""
+        """Write the state after optimizer step `step`, then <out>/model. Every process calls it. The
+        state before it is kept (a damaged newest state resumes from it) and older ones are removed."""
         from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
         name = f"step-{step:08d}"
         folder = self.root / name
-        if self.d.main:
-            shutil.rmtree(folder, ignore_errors=True)  # left by a save that was killed
-            folder.mkdir(parents=True)
-        self._barrier()
-        tensors = self._tensors(with_optimizer=bool(self.optimizer.state))[0]
-        with warnings.catch_warnings():  # torch.distributed.checkpoint warns when it runs on one process
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / "sharded"), save_distributed=True),
-                 no_dist=self.d.world == 1)
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.d.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
-        carried = {k: v.get_state() if isinstance(v, torch.Generator) else v.detach().cpu().clone()
-                   for k, v in self.carried.items()}
-        torch.save({"rng": rng, "carried": carried}, folder / f"rng-{self.d.rank}.pt")
-        self._barrier()
-        if self.d.main:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            state = {"step": step, **self._identity(), "values": self.values, "param_groups": groups,
-                     "optimizer_stepped": "optimizer" in tensors, "scheduler": self.scheduler.state_dict()}
-            (folder / "state.json").write_text(json.dumps(state, indent=1))
-            (self.root / "latest.tmp").write_text(name)
-            os.replace(self.root / "latest.tmp", self.root / "latest")
+        # three blocks, each ending with the processes' agreement that it was written (a collective)
+        clean = lambda: shutil.rmtree(folder, ignore_errors=True)  # noqa: E731
+        with writing(folder, self.d, cleanup=clean):
+            if self.d.main:
+                clean()  # left by a save that was killed
+                folder.mkdir(parents=True)
+        with writing(folder, self.d, cleanup=clean):
+            tensors = self._tensors(with_optimizer=bool(self.optimizer.state))[0]
+            with warnings.catch_warnings():  # torch.distributed.checkpoint warns when it runs on one process
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / "sharded"), save_distributed=True),
+                     no_dist=self.d.world == 1)
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+            if self.d.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
+            carried = {k: v.get_state() if isinstance(v, torch.Generator) else v.detach().cpu().clone()
+                       for k, v in self.carried.items()}
+            torch.save({"rng": rng, "carried": carried}, folder / f"rng-{self.d.rank}.pt")
+        with writing(folder, self.d, cleanup=clean):
+            if self.d.main:
+                groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+                state = {"step": step, **self._identity(), "values": self.values, "param_groups": groups,
+                         "optimizer_stepped": "optimizer" in tensors, "scheduler": self.scheduler.state_dict()}
+                (folder / "state.tmp").write_text(json.dumps(state, indent=1))
+                os.replace(folder / "state.tmp", folder / "state.json")  # the state is complete
+                (self.root / "latest.tmp").write_text(name)
+                os.replace(self.root / "latest.tmp", self.root / "latest")
+        if self.d.main:  # keep this state and the newest complete one before it
+            before = max((f.parent for f in self.root.glob("step-*/state.json") if f.parent.name < name), default=None)
             for old in self.root.glob("step-*"):
-                if old != folder:
+                if old not in (folder, before):
                     shutil.rmtree(old, ignore_errors=True)
-        self._barrier()
         save_checkpoint(self.model, self.tokenizer, Path(self.args.out) / "model", self.d)
 
     def resume(self, log):
@@ -1245,6 +1383,7 @@ class Checkpointer:
         keep metrics.jsonl up to its step, and return that step; 0 in a fresh run. Called just before
         the loop, after anything that needs the initial weights (DPO's reference log-probs)."""
         if self.state is None:
+            log.start(0)
             return 0
         from torch.distributed.checkpoint import HuggingFaceStorageReader, load
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -1253,9 +1392,12 @@ class Checkpointer:
             group.update(saved)
         self.scheduler.load_state_dict(self.state["scheduler"])
         tensors, model_state, optim_state = self._tensors(self.state["optimizer_stepped"])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")), no_dist=self.d.world == 1)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")), no_dist=self.d.world == 1)
+        except (Exception, CheckpointException) as e:  # damage the start-up checks cannot see (bytes, not lengths)
+            raise UserError(f"--resume: the state {folder} cannot be loaded ({type(e).__name__}: {_first_line(e)})")
         set_model_state_dict(self.modules, model_state)  # (the tied entries share the loaded tensors)
         if optim_state is not None:
             set_optimizer_state_dict(self.modules, self.optimizer, optim_state)
@@ -1269,8 +1411,8 @@ class Checkpointer:
                 v.set_state(saved["carried"][k])
             else:
                 v.copy_(saved["carried"][k])
-        log.resume(step)
         log.print(f"resumed from {folder} after step {step}")
+        log.start(step)
         return step
 
     def sigterm(self):
@@ -1296,8 +1438,4 @@ class Checkpointer:
         elif time.monotonic() - self.stop_at > 1:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-
-    def _barrier(self):
-        if self.d.world > 1:
-            dist.barrier()
 
