@@ -1,8 +1,10 @@
 """Plumbing shared by every method file: no loss and no algorithm choice lives here.
 
 Contents, in the order a training script uses them:
-  arguments      parse_args(Args): an argparse CLI from a dataclass, help from field docstrings
-  errors         UserError + run(main): one clear line and exit 1 instead of a stack trace
+  arguments      parse_args(Args): an argparse CLI from a dataclass, help from field docstrings; the
+                 paths checked and --out created (and locked against a second run) before anything loads
+  errors         UserError + run(main): one clear line and exit 1 instead of a stack trace; the
+                 libraries' own bars, logs and warnings silenced (POSTTRAIN_VERBOSE=1 shows them)
   distributed    init_distributed(gpus): --gpus N spawns N processes; torchrun works as-is
   models         load_model / load_tokenizer, shard_model, save_checkpoint, memory (free_memory, peak_mem_gb)
   log-probs      logprobs(): per-token log-probs without a full fp32 (B, T, V) tensor (LogprobModel's
@@ -12,7 +14,8 @@ Contents, in the order a training script uses them:
   rewards        extract_answer / reward: a response's last \\boxed{}, number after ####, or last number
   evaluation     evaluate(), evaluate_splits(): greedy accuracy and truncated share on the test splits
   logging        Logger: tqdm bar + <out>/metrics.jsonl, summary.json
-  training state Checkpointer: --save-every, --resume and SIGTERM; the full state in <out>/state
+  training state Checkpointer: --save-every, --resume and SIGTERM; the full state in <out>/state;
+                 writing(): a failed write (a full disk) stops every process with one line
 
 Sequence layout used everywhere: a batch row is [left-padded prompt | right-padded response], so
 every response starts at column W = `prompt_width`. Response tensors are (B, R) with R = T - W.
