@@ -82,7 +82,6 @@ import os
 import platform
 import queue
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -676,10 +675,7 @@ def generation_table(counts, device, folder, work):
     for world in counts:
         row = {}
         for per_token in ((False, True) if world > 1 else (False,)):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            results = ctx.Queue()
+            port, results = common.free_port(), ctx.Queue()
             procs = [ctx.Process(target=generation_rate, args=(r, world, port, device, folder, work, per_token, results))
                      for r in range(world)]
             for p in procs:

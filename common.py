@@ -309,11 +309,15 @@ def init_distributed(gpus):
     return Dist(rank, world, device)
 
 
-def _spawn(n):
-    with socket.socket() as s:  # a free port for the rendezvous
+def free_port():
+    """A free TCP port on this machine, for a process group's rendezvous."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
+        return s.getsockname()[1]
+
+
+def _spawn(n):
+    port, procs = free_port(), []
     for r in range(n):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
