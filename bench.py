@@ -676,8 +676,8 @@ def generation_table(counts, device, folder, work):
         row = {}
         for per_token in ((False, True) if world > 1 else (False,)):
             port, results = common.free_port(), ctx.Queue()
-            procs = [ctx.Process(target=generation_rate, args=(r, world, port, device, folder, work, per_token, results))
-                     for r in range(world)]
+            procs = [ctx.Process(target=generation_rate,
+                                 args=(r, world, port, device, folder, work, per_token, results)) for r in range(world)]
             for p in procs:
                 p.start()
             while True:  # (a process that fails puts nothing: stop the others rather than wait for ever)
@@ -827,11 +827,11 @@ def main():
         if gen_counts:
             gen_folder = folder if gpu else random_qwen2(Path(workdir) / "generation", GEN_CPU)
             work = (64, args.prompt_len, args.response_len) if gpu else (16, args.prompt_len, 64)
-            print(f"\n# generation: sample() alone, each process {work[0]} prompts x ({work[1]} prompt + {work[2]} new) "
-                  f"tokens{'' if gpu else ', one thread per process'}; tok/s = new tokens of all processes / wall time",
-                  flush=True)
-            print(table(["processes", "sample() tok/s", "per process", "gather per token tok/s", "model.generate tok/s"],
-                        generation_table(gen_counts, args.device, gen_folder, work)))
+            print(f"\n# generation: sample() alone, each process {work[0]} prompts x ({work[1]} prompt + {work[2]} "
+                  f"new) tokens{'' if gpu else ', one thread per process'}; tok/s = new tokens of all processes / "
+                  f"wall time", flush=True)
+            print(table(["processes", "sample() tok/s", "per process", "gather per token tok/s",
+                         "model.generate tok/s"], generation_table(gen_counts, args.device, gen_folder, work)))
 
 
 if __name__ == "__main__":

@@ -401,7 +401,8 @@ def _cannot_load(what, path, e):
                 with safe_open(f, "pt"):
                     pass
         except Exception as damage:  # (safetensors' SafetensorError is neither an OSError nor a ValueError)
-            return UserError(f"cannot load {what} '{path}': '{f.name}' is damaged or unreadable ({_first_line(damage)})")
+            return UserError(f"cannot load {what} '{path}': '{f.name}' is damaged or unreadable "
+                             f"({_first_line(damage)})")
     return UserError(f"cannot load {what} '{path}': {type(e).__name__}: {_first_line(e)}")
 
 
@@ -1402,7 +1403,8 @@ class Checkpointer:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")), no_dist=self.d.world == 1)
+                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")),
+                     no_dist=self.d.world == 1)
         except (Exception, CheckpointException) as e:  # damage the start-up checks cannot see (bytes, not lengths)
             raise UserError(f"--resume: the state {folder} cannot be loaded ({type(e).__name__}: {_first_line(e)})")
         set_model_state_dict(self.modules, model_state)  # (the tied entries share the loaded tensors)

@@ -169,4 +169,5 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
                              "--lr=1e30", "--out", out), "nan", "step 2")
     assert str(out / "model") in err
     assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written checkpoint left
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no half-written
+    # checkpoint left (.lock: the run folder's lock, README: Errors)
