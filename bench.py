@@ -33,8 +33,13 @@ TRL: random draws).
 Named models: `tiny` is world/student (its teacher for distillation: world/teacher_large);
 `qwen2-0.5b` is the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate
 4864, vocab 151936, tied embeddings) with random weights, written once to a temporary folder (so
-TRL can build its reference model from the same path) and used as its own teacher. A folder is
-loaded as is, and is its own teacher.
+TRL can build its reference model from the same path) and used as its own teacher; `qwen2-32k` is
+a small Qwen2 with a 32k vocabulary (hidden 256, 4 layers, 4 heads, 2 KV heads, intermediate 1024),
+the same way. A folder is loaded as is, and is its own teacher.
+
+--lora-rank R puts LoRA adapters (alpha 16, every linear layer of the decoder layers) on the trained
+models (PPO: the critic's trunk too) and makes the reference the policy with its adapters off, as the
+scripts do; TRL's columns stay full fine-tuning.
 
 Each method's step is a recipe built from common.py plumbing and the method file's own loss
 functions; a method whose file or functions do not exist yet is skipped with a note. Simplifications
@@ -95,8 +100,8 @@ from types import SimpleNamespace
 import torch
 
 import common
-from common import (WORLD, Dist, LogprobModel, UserError, clip_grad, load_model, logprobs, pad_batch, parse_args,
-                    quiet_libraries, run, sample, shard_model)
+from common import (WORLD, Dist, LogprobModel, UserError, add_lora, clip_grad, load_model, load_reference, logprobs,
+                    pad_batch, parse_args, quiet_libraries, run, sample, shard_model)
 
 METHODS = ["sft", "dpo", "ppo", "grpo", "dppo", "dypo", "opd", "opd_plus", "tropd"]
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -109,10 +114,10 @@ GEN_CPU = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_
 @dataclass
 class Args:
     ranges = {"batch_size": ">= 0", "prompt_len": ">= 0", "response_len": ">= 0",  # 0: the device's default
-              "warmup": ">= 0", "repeats": ">= 1", "peak_tflops": "> 0"}  # (flags common.RANGES does not know)
+              "warmup": ">= 0", "repeats": ">= 1", "peak_tflops": "> 0"}  # (lora_rank: common.RANGES)  # (flags common.RANGES does not know)
     model: str = ""
-    """`tiny` (world/student), `qwen2-0.5b` (that shape, random weights) or a model folder; default:
-    tiny on CPU, qwen2-0.5b on GPU"""
+    """`tiny` (world/student), `qwen2-0.5b` or `qwen2-32k` (those shapes, random weights) or a model folder;
+    default: tiny on CPU, qwen2-0.5b on GPU"""
     methods: str = ",".join(METHODS)
     """comma-separated methods to time"""
     device: str = ""
@@ -136,6 +141,9 @@ class Args:
     """B x T token counts of the log-prob memory table (empty: skip it)"""
     generation_processes: str = "1,2"
     """process counts of the generation table (empty: skip it)"""
+    lora_rank: int = 0
+    """LoRA adapters of this rank (alpha 16) on every trained model, the reference being the policy with
+    its adapters off, as the scripts' --lora-rank (0: full fine-tuning)"""
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -155,11 +163,11 @@ def model_folders(name, workdir):
     weights saved into `workdir`, so every process (and TRL's reference) loads the same model."""
     if name == "tiny":
         return WORLD / "student", WORLD / "teacher_large"
-    if name == "qwen2-0.5b":
-        folder = random_qwen2(Path(workdir) / name, QWEN2_05B)
+    if name in ("qwen2-0.5b", "qwen2-32k"):
+        folder = random_qwen2(Path(workdir) / name, QWEN2_05B if name == "qwen2-0.5b" else GEN_CPU)
         return folder, folder
     if not (Path(name) / "config.json").is_file():
-        raise UserError(f"--model '{name}' is neither tiny, qwen2-0.5b nor a folder with a config.json")
+        raise UserError(f"--model '{name}' is neither tiny, qwen2-0.5b, qwen2-32k nor a folder with a config.json")
     return Path(name), Path(name)
 
 
@@ -181,9 +189,17 @@ class Setup:
         self.eos = self.vocab - 1
         self.no_eos = SimpleNamespace(pad_token_id=0, eos_token_id=-1)  # sample() then always draws R tokens
         self.g = torch.Generator().manual_seed(0)
+        self.lora = SimpleNamespace(lora_rank=args.lora_rank, lora_alpha=16.0, lora_targets="", model=folder)
 
     def policy(self):
-        return load_model(self.folder, self.d)
+        return add_lora(load_model(self.folder, self.d), self.lora)
+
+    def critic(self):
+        import ppo
+        return add_lora(ppo.Critic(load_model(self.folder, self.d).lm.get_decoder()), self.lora)
+
+    def reference(self, policy):
+        return load_reference(self.lora, self.d, policy)
 
     def frozen(self, folder=None):
         return load_model(folder or self.folder, self.d, trainable=False)
@@ -259,8 +275,8 @@ def dpo_recipe(s):
 
 def ppo_recipe(s):
     import ppo
-    model, critic = s.policy(), ppo.Critic(s.policy().lm.get_decoder()).to(s.d.device)
-    reference = s.frozen()
+    model, critic = s.policy(), s.critic()
+    reference = s.reference(model)
     optimizer = s.optimizer(model, critic)
 
     def generate(state):
@@ -288,7 +304,8 @@ def ppo_recipe(s):
 
 def grpo_recipe(s):
     import grpo
-    model, reference = s.policy(), s.frozen()
+    model = s.policy()
+    reference = s.reference(model)
     optimizer = s.optimizer(model)
 
     def generate(state):
@@ -329,7 +346,8 @@ def dppo_recipe(s):
 
 def dypo_recipe(s):
     import dypo
-    model, reference = s.policy(), s.frozen()
+    model = s.policy()
+    reference = s.reference(model)
     optimizer = s.optimizer(model)
 
     def generate(state):

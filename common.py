@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.checkpoint import checkpoint
@@ -79,7 +80,7 @@ RANGES = {
     "eval_every": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "generation_batch_size": ">= 0",
     "prompts_per_step": ">= 1", "group_size": ">= 1", "max_new_tokens": ">= 1", "max_prompt_length": ">= 0",
     "lr": "> 0", "weight_decay": ">= 0", "max_grad_norm": "> 0", "temperature": "> 0", "gpus": ">= 1",
-    "seed": "[0, 4294967295]",
+    "seed": "[0, 4294967295]", "lora_rank": ">= 0", "lora_alpha": "> 0",
 }
 
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -481,6 +482,84 @@ def decoder_layers(lm):
     return layers[::-1]
 
 
+def add_lora(model, args):
+    """With --lora-rank R > 0: LoRA adapters (PEFT) on `model.lm`'s decoder-layer linear modules (or the
+    modules --lora-targets names), their update B A scaled by --lora-alpha / R and B = 0, so the model
+    starts as it was; only the adapters train (and, outside `.lm`, a critic's head). Call it before
+    shard_model, so that FSDP shards the adapters with their layers. PEFT is imported only here."""
+    if not args.lora_rank:
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise UserError("--lora-rank needs PEFT, which is not installed: pip install peft") from None
+    linear = {name.rsplit(".", 1)[-1]: type(m).__name__ for layer in decoder_layers(model.lm)
+              for name, m in layer.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    targets = [t for t in args.lora_targets.split(",") if t] or sorted(linear)
+    model.lora = peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=targets,
+                                 lora_dropout=0.0, base_model_name_or_path=str(args.model),
+                                 fan_in_fan_out="Conv1D" in linear.values())  # (GPT-2's Conv1D: weights transposed)
+    try:
+        peft.inject_adapter_in_model(model.lora, model.lm)  # (freezes every weight of model.lm but the adapters)
+    except ValueError as e:  # no module of that name
+        raise UserError(f"--lora-targets: {_first_line(e)}") from None
+    return model
+
+
+@contextmanager
+def adapters_off(model):
+    """The block sees the model without its LoRA adapters: the model it started from."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+class AdaptersOff:
+    """A LoRA model's reference for free: the trained model with its adapters off, called as a frozen
+    model is (the log-probs of the initial model, without a second copy in memory)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *inputs, **kwargs):
+        with adapters_off(self.model), torch.no_grad():
+            return self.model(*inputs, **kwargs)
+
+    def to(self, device):  # (free_memory: nothing of its own to move)
+        return self
+
+
+def load_reference(args, d, model):
+    """The frozen reference pi_ref = the initial --model: a bf16 copy (load_model(trainable=False)), or
+    with LoRA the trained model with its adapters off."""
+    return AdaptersOff(model) if args.lora_rank else load_model(args.model, d, trainable=False)
+
+
+def lora_merged(state, model):
+    """A LoRA model's state dict split into (the merged weights W + scale * B A under the base model's
+    names, for from_pretrained; the adapter's tensors under PEFT's names, for PeftModel.from_pretrained)."""
+    scale = model.lora.lora_alpha / model.lora.r
+    flipped = {name for name, m in model.lm.named_modules() if getattr(m, "fan_in_fan_out", False)}  # (Conv1D)
+    merged, adapter = {}, {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            adapter["base_model.model." + k.replace(".default.", ".")] = v
+        elif k.endswith(".base_layer.weight"):
+            layer = k[:-len(".base_layer.weight")]
+            B, A = state[f"{layer}.lora_B.default.weight"], state[f"{layer}.lora_A.default.weight"]
+            delta = scale * B.float() @ A.float()
+            merged[f"{layer}.weight"] = v + (delta.T if layer in flipped else delta).to(v.dtype)
+        else:
+            merged[k.replace(".base_layer.", ".")] = v
+    return merged, adapter
+
+
 def shard_model(model, d, gradient_checkpointing=False):
     """Prepare the trained model: optional gradient checkpointing of each decoder layer, and with
     several processes FSDP2 (each decoder layer a unit, the wrapper the root), bf16 compute with
@@ -511,16 +590,25 @@ def warmup_schedule(optimizer, warmup_steps):
 def save_checkpoint(model, tokenizer, path, d):
     """save_pretrained (safetensors) into a temporary sibling folder, then rename it into place, so
     `path` is always either the previous complete checkpoint or the new complete one (a write that
-    fails, as on a full disk, stops the run with one line and leaves the previous one)."""
+    fails, as on a full disk, stops the run with one line and leaves the previous one). A LoRA model is
+    saved merged, its adapter beside it in PEFT's format in `path`/adapter."""
+    lora = getattr(model, "lora", None)
     state = None
     if d.world > 1:  # gather the full state dict on rank 0
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif lora:
+        state = model.lm.state_dict()
     path, tmp = Path(path), None
     with writing(path, d, cleanup=lambda: tmp and shutil.rmtree(tmp, ignore_errors=True)):
         if d.main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            if lora:
+                state, adapter = lora_merged(state, model)
+                lora.save_pretrained(tmp / "adapter")
+                save_file({k: v.contiguous() for k, v in adapter.items()},
+                          tmp / "adapter" / "adapter_model.safetensors")
             model.lm.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             old = path.with_name(f".{path.name}.old")

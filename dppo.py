@@ -69,10 +69,11 @@ from typing import Literal
 
 import torch
 
-from common import (WORLD, Logger, UserError, all_sum, batches, check_divisible, check_finite, clip_grad,
-                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
-                    all_max, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
+from common import (Checkpointer, Logger, UserError, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
+                    check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
+                    load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice,
+                    read_jsonl, reward, run, sample, save_checkpoint, seed_everything, select_rows, shard_model,
+                    warmup_schedule)
 
 
 @dataclass
@@ -140,6 +141,13 @@ class Args:
     """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) instead of every weight; 0: full fine-tuning (README: LoRA)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update B A is multiplied by lora_alpha / lora_rank"""
+    lora_targets: str = ""
+    """comma-separated names of the modules LoRA adapts (e.g. q_proj,v_proj); empty: every linear layer of the
+    decoder layers"""
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many rollout steps
     (0: the model at the end only)"""
@@ -253,7 +261,7 @@ def main():
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
-    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
     kind = args.divergence.split("_")[1]  # the divergence: "tv" or "kl", its threshold delta, mu's top-K recorded
     delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
     topk = min(args.top_k, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0

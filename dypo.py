@@ -35,7 +35,8 @@ Implementation details:
      against the numerical gap between sampling and training (bf16 on GPU). policy/clipfrac is the
      mean over Mid prompts of the share of their tokens whose gradient the clip removes (A > 0 and
      rho > 1 + eps, or A < 0 and rho < 1 - eps), as grpo.py counts them.
-  5. pi_ref in GAL is the initial policy, a frozen copy (bf16 on GPU, not sharded) that scores the
+  5. pi_ref in GAL is the initial policy, a frozen copy (bf16 on GPU, not sharded; with --lora-rank, the
+     policy with its adapters off, no copy) that scores the
      Mid prompts' responses once per rollout batch, without gradient, --micro-batch-size x k rows at
      a time (Hard and Easy rows are not scored). GAL's value is computed from log-probs that carry
      gradient; a test checks that it trains.
@@ -60,10 +61,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, pad_batch, response_ids,
-                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
-                    logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
+from common import (Checkpointer, Logger, WORLD, add_lora, all_sum, batches, check_divisible, check_finite, clip_grad,
+                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_reference,
+                    load_tokenizer, logprobs, micro_batches, pad_batch, parse_args, peak_mem_gb, prompt_ids,
+                    rank_slice, read_jsonl, response_ids, reward, run, sample, save_checkpoint, seed_everything,
+                    select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -119,6 +121,13 @@ class Args:
     """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) instead of every weight; 0: full fine-tuning (README: LoRA)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update B A is multiplied by lora_alpha / lora_rank"""
+    lora_targets: str = ""
+    """comma-separated names of the modules LoRA adapts (e.g. q_proj,v_proj); empty: every linear layer of the
+    decoder layers"""
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many rollout steps
     (0: the model at the end only)"""
@@ -212,8 +221,8 @@ def main():
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
                        args, cut=("teacher_responses",))
-    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
-    reference = load_model(args.model, d, trainable=False)  # pi_ref of GAL
+    model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    reference = load_reference(args, d, model)  # pi_ref of GAL
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     teacher_draws = torch.Generator().manual_seed(args.seed)  # same on every process: global indices

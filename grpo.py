@@ -26,8 +26,9 @@ Implementation details:
      group gets A = 0 and no gradient from the surrogate. --no-scale-rewards drops the division (Dr. GRPO).
      No whitening over the batch, no discounting: the outcome-supervision case of Sec. 4.1.2.
   3. The reference is a frozen copy of --model, loaded with load_model(trainable=False) (bf16 on GPU,
-     no gradient, not sharded) only when --beta > 0; it scores each rollout batch once, micro-batch
-     by micro-batch. It is never updated (the paper's iterative GRPO, Sec. 4.1.3, is not done here).
+     no gradient, not sharded; with --lora-rank, the policy with its adapters off, no copy) only when
+     --beta > 0; it scores each rollout batch once, micro-batch by micro-batch. It is never updated
+     (the paper's iterative GRPO, Sec. 4.1.3, is not done here).
   4. mu's log-probs are the ones sample() recorded while drawing the tokens, the ratio's denominator
      (no recomputation). They are those of the distribution sampled from (logits / temperature), so
      keep --temperature 1 (the default) for rho_t = 1 at the first update.
@@ -68,10 +69,11 @@ from typing import Literal
 
 import torch
 
-from common import (WORLD, Logger, UserError, all_sum, batches, check_divisible, check_finite, clip_grad,
-                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer,
-                    logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, select_rows,
-                    reward, run, sample, save_checkpoint, seed_everything, shard_model, warmup_schedule, Checkpointer)
+from common import (Checkpointer, Logger, UserError, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
+                    clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed, load_model,
+                    load_reference, load_tokenizer, logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids,
+                    rank_slice, read_jsonl, reward, run, sample, save_checkpoint, seed_everything, select_rows,
+                    shard_model, warmup_schedule)
 
 
 @dataclass
@@ -132,6 +134,13 @@ class Args:
     """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) instead of every weight; 0: full fine-tuning (README: LoRA)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update B A is multiplied by lora_alpha / lora_rank"""
+    lora_targets: str = ""
+    """comma-separated names of the modules LoRA adapts (e.g. q_proj,v_proj); empty: every linear layer of the
+    decoder layers"""
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many rollout steps
     (0: the model at the end only)"""
@@ -195,8 +204,8 @@ def main():
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
-    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
-    reference = load_model(args.model, d, trainable=False) if args.beta > 0 else None
+    model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    reference = load_reference(args, d, model) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)

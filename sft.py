@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (WORLD, Logger, all_sum, batches, check_divisible, check_finite, clip_grad, evaluate_splits,
-                    fit_context, init_distributed, load_model, load_tokenizer, logprobs, micro_batches, pad_batch,
-                    parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, run, save_checkpoint,
-                    seed_everything, shard_model, warmup_schedule, Checkpointer)
+from common import (Checkpointer, Logger, WORLD, add_lora, all_sum, batches, check_divisible, check_finite, clip_grad,
+                    evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer, logprobs,
+                    micro_batches, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
+                    response_ids, run, save_checkpoint, seed_everything, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -67,6 +67,13 @@ class Args:
     """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) instead of every weight; 0: full fine-tuning (README: LoRA)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update B A is multiplied by lora_alpha / lora_rank"""
+    lora_targets: str = ""
+    """comma-separated names of the modules LoRA adapts (e.g. q_proj,v_proj); empty: every linear layer of the
+    decoder layers"""
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many steps
     (0: the model at the end only)"""
@@ -94,7 +101,7 @@ def main():
     seed_everything(args.seed)
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "completion")), tokenizer, args, cut=("completion",))
-    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)

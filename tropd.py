@@ -52,11 +52,11 @@ from typing import Literal
 
 import torch
 
-from common import (WORLD, Logger, all_max, all_sum, batches, check_divisible, check_finite, check_same_tokenizer,
-                    clip_grad, decode_responses, evaluate, evaluate_splits, fit_context, free_memory, init_distributed,
-                    load_model, load_tokenizer, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
-                    select_rows, response_ids, reward, run, sample, save_checkpoint, seed_everything, shard_model,
-                    warmup_schedule, Checkpointer)
+from common import (Checkpointer, Logger, WORLD, add_lora, all_max, all_sum, batches, check_divisible, check_finite,
+                    check_same_tokenizer, clip_grad, decode_responses, evaluate, evaluate_splits, fit_context,
+                    free_memory, init_distributed, load_model, load_tokenizer, pad_batch, parse_args, peak_mem_gb,
+                    prompt_ids, rank_slice, read_jsonl, response_ids, reward, run, sample, save_checkpoint,
+                    seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -117,6 +117,13 @@ class Args:
     """processes to launch (one per GPU; CPU processes with gloo when there is no GPU)"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass to save memory"""
+    lora_rank: int = 0
+    """train LoRA adapters of this rank (PEFT) instead of every weight; 0: full fine-tuning (README: LoRA)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale: the adapters' update B A is multiplied by lora_alpha / lora_rank"""
+    lora_targets: str = ""
+    """comma-separated names of the modules LoRA adapts (e.g. q_proj,v_proj); empty: every linear layer of the
+    decoder layers"""
     save_every: int = 0
     """also write the model and the full training state (for --resume) every this many steps
     (0: the model at the end only)"""
@@ -224,7 +231,7 @@ def main():
     # the guided sample continues a teacher prefix (from the data, or sampled: up to max_new_tokens + EOS)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
                        args, cut=("teacher_responses",), reserve=args.max_new_tokens + 1)
-    model = shard_model(load_model(args.model, d), d, args.gradient_checkpointing)
+    model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
     teacher = load_model(args.teacher, d, trainable=False)
     top_k = min(args.top_k, model.lm.get_output_embeddings().weight.shape[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -61,6 +61,15 @@ def test_generation_table(tiny_model_dir):
     assert abs(float(two[1]) / 2 - float(two[2])) <= 1 and float(two[3]) > 0 and two[4] == "-"
 
 
+def test_smoke_lora():
+    """--lora-rank: the recipes run with adapters on the trained models and the adapters-off reference."""
+    proc = ok(run("bench.py", "--methods", "ppo,grpo", "--repeats", 1, "--warmup", 0, "--batch-size", 8,
+                  "--prompt-len", 4, "--response-len", 4, "--logprob-tokens", "", "--generation-processes", "",
+                  "--lora-rank", 4, timeout=300))
+    _, rows = table_rows(proc.stdout, "method")
+    assert [r["method"] for r in rows] == ["ppo", "grpo"] and all(float(r["step s"]) > 0 for r in rows)
+
+
 def test_logprob_memory_runs():
     """The log-prob memory measurement, in this process (its figure is only meaningful in a fresh
     process, as bench.py runs it): both paths run forward and backward and report a peak."""
