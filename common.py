@@ -506,30 +506,23 @@ def add_lora(model, args):
     return model
 
 
-@contextmanager
-def adapters_off(model):
-    """The block sees the model without its LoRA adapters: the model it started from."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-
-
 class AdaptersOff:
-    """A LoRA model's reference for free: the trained model with its adapters off, called as a frozen
-    model is (the log-probs of the initial model, without a second copy in memory)."""
+    """A LoRA model's reference for free: the trained model called with its adapters switched off (the
+    initial model's log-probs, without a second copy in memory), as a frozen model is called."""
 
     def __init__(self, model):
-        self.model = model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        self.model, self.layers = model, [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
     def __call__(self, *inputs, **kwargs):
-        with adapters_off(self.model), torch.no_grad():
-            return self.model(*inputs, **kwargs)
+        for m in self.layers:
+            m.enable_adapters(False)
+        try:
+            with torch.no_grad():
+                return self.model(*inputs, **kwargs)
+        finally:
+            for m in self.layers:
+                m.enable_adapters(True)
 
     def to(self, device):  # (free_memory: nothing of its own to move)
         return self
