@@ -605,6 +605,9 @@ def save_checkpoint(model, tokenizer, path, d):
             model.lm.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             old = path.with_name(f".{path.name}.old")
+            if old.exists() and not path.exists():
+                old.rename(path)  # a save killed between its two renames left the last model there
+            shutil.rmtree(old, ignore_errors=True)  # (one killed after them left the model before it)
             if path.exists():
                 path.rename(old)
             tmp.rename(path)

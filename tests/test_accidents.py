@@ -124,6 +124,27 @@ def test_full_disk_on_two_processes(small_eval, tmp_path):
     assert [s.name for s in (out / "state").glob("step-*")] == ["step-00000002"]
 
 
+@pytest.mark.parametrize("left", ["both", "old only"])
+def test_save_after_a_save_killed_between_renames(left, model, tok, cpu, tmp_path):
+    """A save killed after moving the model aside (<out>/.model.old) and before or after putting the new
+    one in place: the next save still writes <out>/model (a stale .model.old once made it fail)."""
+    path = tmp_path / "model"
+    common.save_checkpoint(model, tok, path, cpu)
+    path.rename(tmp_path / ".model.old")
+    if left == "both":
+        common.save_checkpoint(model, tok, path, cpu)
+        common.save_checkpoint(model, tok, tmp_path / "other", cpu)
+        (tmp_path / "other").rename(tmp_path / ".model.old")  # (killed just before removing the old one)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    common.save_checkpoint(model, tok, path, cpu)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    saved = weights(tmp_path)
+    for name, p in model.lm.state_dict().items():
+        if name in saved:
+            assert torch.equal(saved[name], p)
+
+
 # ----------------------------------------------------------------------------- the run folder
 
 def test_two_runs_one_out(small_eval, tmp_path):
