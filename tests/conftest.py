@@ -60,6 +60,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_eval(tmp_path_factory):
+    """--eval-data and --ood-data of 16 ID test problems, for short script runs (a module may define its own)."""
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join((common.WORLD / "test_id.jsonl").read_text().splitlines(keepends=True)[:16]))
+    return ["--eval-data", path, "--ood-data", path]
+
+
+@pytest.fixture(scope="session")
 def tok(tiny_model_dir):
     return common.load_tokenizer(tiny_model_dir)
 

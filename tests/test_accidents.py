@@ -21,13 +21,6 @@ from test_scripts import ROOT, ok, one_line_error, run
 SFT = ["sft.py", "--batch-size", 8, "--micro-batch-size", 4, "--lr", 1e-3]
 
 
-@pytest.fixture(scope="module")
-def small_eval(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join((common.WORLD / "test_id.jsonl").read_text().splitlines(keepends=True)[:16]))
-    return ["--eval-data", path, "--ood-data", path]
-
-
 def sft(steps, out, *extra, eval_args=(), limit=None):
     """Run sft.py for `steps`; with `limit`, no file it writes may grow past `limit` bytes (the kernel
     refuses the write with EFBIG, as a full disk refuses it with ENOSPC)."""

@@ -20,13 +20,6 @@ LORA = SimpleNamespace(lora_rank=4, lora_alpha=8.0, lora_targets="")
 
 
 @pytest.fixture(scope="module")
-def small_eval(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join((common.WORLD / "test_id.jsonl").read_text().splitlines(keepends=True)[:16]))
-    return ["--eval-data", path, "--ood-data", path]
-
-
-@pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, tiny_model_dir):
     """A tiny GPT-2 (its linear layers are Conv1D, weights stored transposed) with the test tokenizer."""
     from transformers import AutoModelForCausalLM, GPT2Config

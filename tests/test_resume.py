@@ -26,13 +26,6 @@ DYPO = ["dypo.py", "--steps", STEPS, "--prompts-per-step", 8, "--group-size", 4,
 
 
 @pytest.fixture(scope="module")
-def small_eval(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join((common.WORLD / "test_id.jsonl").read_text().splitlines(keepends=True)[:16]))
-    return ["--eval-data", path, "--ood-data", path]
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, small_eval):
     """One uninterrupted run per command, made once: {(script, processes): its run folder}."""
     runs = {}
