@@ -1189,10 +1189,11 @@ def reward(response, answer):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256):
+def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256, show=4):
     """Greedy decoding on a JSONL split of {prompt, answer}; each rank takes a share of the problems.
-    Returns (accuracy, truncated): the share of responses right, and the share that hit
-    max_new_tokens without EOS."""
+    Returns (accuracy, truncated, shown): the share of responses right, the share that hit
+    max_new_tokens without EOS, and the split's first `show` problems as {prompt, response, reward}
+    (those of rank 0, which holds the first share)."""
     rows = read_jsonl(path, EVAL_FIELDS)
     context = context_length(model.lm.config)
     rows, _ = drop_long_prompts(rows, tokenizer, path, context and context - max_new_tokens,
@@ -1200,36 +1201,44 @@ def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256):
     share = math.ceil(len(rows) / d.world)
     mine = rows[d.rank * share:(d.rank + 1) * share]
     correct = truncated = 0.0
+    shown = []
     for i in range(0, share, batch_size):  # the same number of calls on every rank (collectives)
         chunk = mine[i:i + batch_size]
         out = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in chunk or rows[:1]], d,
                      max_new_tokens, greedy=True)
-        correct += sum(reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, out), chunk))
+        scored = [(r["prompt"], t, reward(t, r["answer"])) for t, r in zip(decode_responses(tokenizer, out), chunk)]
+        correct += sum(s for _, _, s in scored)
         truncated += out["truncated"][:len(chunk)].sum().item()
+        shown += [dict(prompt=p, response=t, reward=s) for p, t, s in scored[:show - len(shown)]]
     correct, truncated = (all_sum([correct, truncated], d) / len(rows)).tolist()
-    return correct, truncated
+    return correct, truncated, shown
 
 
 def evaluate_splits(model, tokenizer, args, d):
-    """Greedy scores on --eval-data and --ood-data:
-    {"accuracy", "ood_accuracy", "truncated", "ood_truncated"}."""
-    accuracy, truncated = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
-    ood_accuracy, ood_truncated = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
-    return dict(accuracy=accuracy, ood_accuracy=ood_accuracy, truncated=truncated, ood_truncated=ood_truncated)
+    """Greedy scores on --eval-data and --ood-data: {"accuracy", "ood_accuracy", "truncated",
+    "ood_truncated", "completions"}, the last: the first few greedy responses of each split (evaluate())."""
+    accuracy, truncated, shown = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
+    ood_accuracy, ood_truncated, ood_shown = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
+    completions = [{"split": "id", **c} for c in shown] + [{"split": "ood", **c} for c in ood_shown]
+    return dict(accuracy=accuracy, ood_accuracy=ood_accuracy, truncated=truncated, ood_truncated=ood_truncated,
+                completions=completions)
 
 
 # ----------------------------------------------------------------------------- logging
 
 class Logger:
     """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; the
-    evaluations (evaluate_splits() scores) printed, and those of a step added to its line."""
+    evaluations (evaluate_splits() scores) printed, those of a step added to its line, and their first
+    greedy responses to <out>/completions.jsonl."""
 
     def __init__(self, out, d, total_steps, args):
         self.d, self.out, self.max_new_tokens = d, Path(out), args.max_new_tokens
         self.warned_truncation, self.total, self.bar = False, total_steps, None  # (the bar: start())
+        self.completions, self.last_scores = [], None  # lines for completions.jsonl, written from start()
         if d.main:
             if not args.resume:  # a resumed run keeps the lines up to its state's step (start())
                 self._write("metrics.jsonl", "")
+                self._write("completions.jsonl", "")
             self._write("args.json", json.dumps(dataclasses.asdict(args), indent=2))
 
     def _write(self, name, text, mode="w"):
@@ -1258,18 +1267,28 @@ class Logger:
             self.print(f"warning: {share:.0%} of {what} hit --max-new-tokens {self.max_new_tokens} without EOS and "
                        f"are scored cut short; raise --max-new-tokens (real models need hundreds)")
 
-    def evaluation(self, when, scores):
-        """Print an evaluate_splits() result, with the truncated shares where there are any."""
+    def evaluation(self, when, scores, step=0):
+        """Print an evaluate_splits() result, with the truncated shares where there are any, and before
+        and after training two of its responses; its responses go to completions.jsonl as step `step`'s."""
         cut = (f" (truncated: {scores['truncated']:.0%} ID, {scores['ood_truncated']:.0%} OOD)"
                if scores["truncated"] or scores["ood_truncated"] else "")
         self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
+        if not when.startswith("step"):
+            for c in scores["completions"][:2]:
+                self.print(f"  {c['prompt']} -> {c['response']}  ({'right' if c['reward'] else 'wrong'})")
         self.warn_truncation(max(scores["truncated"], scores["ood_truncated"]), "the greedy evaluation responses")
+        if self.d.main and scores is not self.last_scores:  # the summary's may be the last step's, written
+            self.last_scores = scores
+            self.completions += [json.dumps({"step": step, **c}) + "\n" for c in scores["completions"]]
+            if self.bar is not None:
+                self._write("completions.jsonl", "".join(self.completions), mode="a")
+                self.completions = []
 
     def log(self, step, metrics, scores=None):
         """Write step `step`'s metrics; `scores` (evaluate_splits(), when the step was scored) are
         printed and added to the line as eval/accuracy and eval/ood_accuracy."""
         if scores is not None:
-            self.evaluation(f"step {step}", scores)
+            self.evaluation(f"step {step}", scores, step)
             metrics = {**metrics, "eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
         if not self.d.main:
             return
@@ -1283,25 +1302,32 @@ class Logger:
 
     def start(self, step):
         """Start the progress bar at the loop's first step, after `step` (0, or the step a resumed run
-        continues after: metrics.jsonl keeps its lines up to it and drops the later ones, which a killed
-        run may have logged after its last state)."""
+        continues after: metrics.jsonl and completions.jsonl keep their lines up to it and drop the
+        later ones, which a killed run may have logged after its last state); write the responses of
+        the evaluation before training (a resumed run has them already)."""
         if self.d.main and step:
-            path, kept = self.out / "metrics.jsonl", []
-            for line in (path.read_text().splitlines() if path.exists() else []):
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-                    pass
-            self._write("metrics.jsonl", "".join(kept))
+            self.completions = []
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                path, kept = self.out / name, []
+                for line in (path.read_text().splitlines() if path.exists() else []):
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line + "\n")
+                    except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                        pass
+                self._write(name, "".join(kept))
+        if self.d.main:
+            self._write("completions.jsonl", "".join(self.completions), mode="a")
+            self.completions = []
         self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write <out>/summary.json (the fields, and the
         evaluate_splits() scores as accuracy_before, ..., ood_truncated_after) and print it."""
-        self.evaluation("after training", after)
+        self.evaluation("after training", after, self.total)
         self.bar.close()
-        fields.update({f"{k}_{when}": s[k] for when, s in (("before", before), ("after", after)) for k in s})
+        fields.update({f"{k}_{when}": s[k] for when, s in (("before", before), ("after", after))
+                       for k in s if k != "completions"})
         if self.d.main:
             text = json.dumps(fields, indent=2)
             self._write("summary.json", text + "\n")

@@ -19,7 +19,10 @@ log.txt; a failed command prints its last lines and the rest go on.
 Writes results/results.md: per experiment, per row, the mean +- sample sd over the seeds of the
 greedy accuracy after training (ID and OOD), n, the difference to the row it is compared with, the
 accuracy before, the wall seconds of a run, the peak memory, and the exact commands. A difference is
-called one only where the two rows' mean +- sd intervals do not overlap. With matplotlib installed (optional, used
+called one only where the two rows' mean +- sd intervals do not overlap. Then the mechanisms table: per
+row of MECHANISMS, the metric that shows its method's mechanism at work (critic explained variance,
+masked and clipped token shares, routing shares, trusted tokens and teacher prefix, accuracy at the
+evaluation steps), early, late and over the whole run. With matplotlib installed (optional, used
 only here) also the PNG figures of FIGURES; without it the tables are still written.
 """
 
@@ -111,6 +114,20 @@ FIGURES = {
         for what, unit, key in (("trusted tokens", "share of sampled tokens", "trust/trusted_fraction"),
                                 ("teacher prefix", "prefix / teacher response tokens", "guide/prefix_fraction"))]),
 }
+
+# Mechanisms: (row label, what it shows, metric key), the metric that shows the row's method at work.
+# OPD and GRPO: accuracy at the evaluation steps, a dense teacher signal against a sparse reward per step.
+MASKED = ("share of tokens DPPO's mask zeroes", "policy/masked_frac")
+CLIPPED = ("share of tokens the ratio clip would cut", "policy/clipfrac")
+MECHANISMS = [
+    ("PPO", "critic explained variance", "critic/explained_variance"),
+    *[(f"DPPO{r}", what, key) for r in ("", *(f" {r}" for r in STRESS)) for what, key in (MASKED, CLIPPED)],
+    *[(f"clip{r}", *CLIPPED) for r in ("", *(f" {r}" for r in STRESS))],
+    *[("DYPO", f"share of prompts routed {route}", f"route/{route}") for route in ("hard", "mid", "easy")],
+    ("TrOPD", "share of sampled tokens trusted", "trust/trusted_fraction"),
+    ("TrOPD", "teacher prefix / teacher response tokens", "guide/prefix_fraction"),
+    *[(label, "greedy ID accuracy at the evaluation steps", "eval/accuracy") for label in ("OPD", "GRPO")],
+]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -223,6 +240,25 @@ def table(rows, done_runs, commands_of):
     return lines
 
 
+def mechanisms(done_runs):
+    """The markdown lines of the mechanisms table ([] when no row of MECHANISMS has a finished run).
+    Per seed, the mean of the metric over the lines of its last command's metrics.jsonl that have it:
+    its first 20% (at least one line), its last 20% (at least one line), all of them; each cell is the
+    mean +- sample sd of that over the seeds that logged the metric (n)."""
+    lines = []
+    for label, what, key in MECHANISMS:
+        done = done_runs(label)
+        if not done:
+            continue
+        seeds = [v for v in ([m[key] for m in r.metrics() if key in m] for r in done) if v]
+        k = [max(1, len(v) // 5) for v in seeds]
+        early, late, whole = (mean_sd([statistics.fmean(part) for part in parts]) for parts in (
+            [v[:n] for v, n in zip(seeds, k)], [v[-n:] for v, n in zip(seeds, k)], seeds))
+        lines.append(f"| {label} | `{key}` | {what} | {len(seeds)} | {shown(early)} | {shown(late)} | {shown(whole)} |")
+    return ["| run | metric | what it shows | n | early (first 20% of steps) | late (last 20%) | whole run mean |",
+            "|---|---|---|---|---|---|---|", *lines] if lines else []
+
+
 # ----------------------------------------------------------------------------- figures
 
 def series(run, key):
@@ -314,6 +350,12 @@ def main(argv=None):
         text += [f"## {name}", "", caption + ".", "",
                  *table(experiment_rows, done_runs, lambda label: make_run(label, rows[label], "<k>", out / "runs",
                                                                             extra).commands), ""]
+    if mechanism_lines := mechanisms(done_runs):
+        text += ["## mechanisms", "", "Per run, the metric that shows its method's mechanism at work, from the"
+                 " last command's metrics.jsonl: per seed the mean over the first 20% of the lines that log it"
+                 " (early), the last 20% (late) and all of them, then mean +- sample sd over the n seeds that"
+                 " logged it. OPD against GRPO: greedy ID accuracy at the --eval-every steps, a dense teacher"
+                 " signal against a sparse reward.", "", *mechanism_lines, ""]
     text += [f"{len(finished)} runs finished, {sum(r.seconds() for r in finished) / 60:.1f} min of runs in all"
              + (f"; {sum(failed.values())} failed: {', '.join(failed)}" if failed else "") + ".", ""]
     out.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 48
     """longest response generated at evaluation"""
     max_prompt_length: int = 0
     """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""

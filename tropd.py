@@ -87,7 +87,7 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
-    max_new_tokens: int = 8
+    max_new_tokens: int = 48
     """longest sampled response (and at evaluation)"""
     max_prompt_length: int = 0
     """longest prompt kept from --data, in tokens (0: any that leaves --max-new-tokens in the model's context)"""

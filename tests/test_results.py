@@ -3,6 +3,7 @@ results.md (and a figure where matplotlib is installed) and skips the finished r
 
 import importlib
 import importlib.util
+import json
 import shlex
 
 import pytest
@@ -69,3 +70,31 @@ def test_one_experiment_one_seed_two_steps(tmp_path, monkeypatch, capsys):
     assert "2 runs: 2 finished already (skipped), 0 to do" in capsys.readouterr().out
     assert (out / "runs" / "sft" / "seed1" / "run.json").stat().st_mtime_ns == stamp
     assert (out / "results.md").read_text() == md
+
+
+def test_mechanisms_table_early_late_whole(tmp_path):
+    """Two finished PPO seeds and one DPPO seed with made-up metrics.jsonl: early, late and whole-run
+    means per seed (first and last 20% of the lines that have the key), then mean +- sd over seeds."""
+    labels = {row[0] for _, rows in results.EXPERIMENTS.values() for row in rows}
+    assert {label for label, _, _ in results.MECHANISMS} <= labels
+    ppo = {1: [0.1 * i for i in range(10)], 2: [0.2, 0.4, 0.6, 0.8, 1.0]}  # 20%: 2 lines, then 1 line
+    runs = {}
+    for label, seeds in (("PPO", ppo), ("DPPO", {1: [0.3, 0.1, 0.2]})):
+        for seed, values in seeds.items():
+            run = results.make_run(label, ["ppo.py"], seed, tmp_path, "")
+            run.folder.mkdir(parents=True)
+            key = "critic/explained_variance" if label == "PPO" else "policy/masked_frac"
+            lines = [{"step": i + 1, key: v} for i, v in enumerate(values)] + [{"step": 99, "eval/accuracy": 0.5}]
+            (run.folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+            (run.folder / "run.json").write_text(json.dumps({"commands": run.commands, "seconds": 1}))
+            runs.setdefault(label, []).append(run)
+    lines = results.mechanisms(lambda label: [r for r in runs.get(label, []) if r.finished()])
+    assert lines[1] == "|---|---|---|---|---|---|---|" and len(lines) == 2 + 1 + 2  # PPO, DPPO's two keys
+    # PPO: seed 1 early (0 + 0.1) / 2, late (0.8 + 0.9) / 2, whole 0.45; seed 2: 0.2, 1.0, 0.6;
+    # every pair of seeds differs by 0.15: sample sd 0.15 / sqrt(2) = 0.106
+    assert lines[2] == ("| PPO | `critic/explained_variance` | critic explained variance | 2 "
+                        "| 0.125 +- 0.106 | 0.925 +- 0.106 | 0.525 +- 0.106 |")
+    # DPPO, one seed of 3 lines: early and late are one line each; clipfrac was never logged
+    assert lines[3].startswith("| DPPO | `policy/masked_frac` |") and lines[3].endswith("| 1 | 0.300 | 0.200 | 0.200 |")
+    assert lines[4].startswith("| DPPO | `policy/clipfrac` |") and lines[4].endswith("| 0 | - | - | - |")
+    assert results.mechanisms(lambda label: []) == []

@@ -74,7 +74,8 @@ def weights(out):
 
 def assert_same_run(out, reference):
     """The resumed run ends with the reference run's weights (CPU fp32: within 1e-6), its metrics list
-    each step once with the same losses, and its summary has the same accuracies."""
+    each step once with the same losses, its summary has the same accuracies and completions.jsonl the
+    same greedy responses (before and after training, each once)."""
     a, b = weights(out), weights(reference)
     assert a.keys() == b.keys()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -84,6 +85,7 @@ def assert_same_run(out, reference):
     assert [x["train/loss"] for x in m] == pytest.approx([x["train/loss"] for x in ref], abs=1e-6)
     keys = ("accuracy_before", "accuracy_after", "ood_accuracy_before", "ood_accuracy_after")
     assert {k: summary(out)[k] for k in keys} == {k: summary(reference)[k] for k in keys}
+    assert (out / "completions.jsonl").read_text() == (reference / "completions.jsonl").read_text()
 
 
 @pytest.mark.parametrize("command,gpus", [(DPO, 1), (DYPO, 1), (DPO, 2)], ids=["dpo", "dypo", "dpo-2-processes"])

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import common
+
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = ROOT / "world"
 
@@ -64,9 +66,19 @@ def test_smoke(script, tmp_path):
 
 def test_eval_every(tmp_path):
     """--eval-every 2 over 4 steps: greedy ID and OOD accuracy in the lines of steps 2 and 4 only, the
-    last equal to the accuracy after training."""
+    last equal to the accuracy after training; every evaluation's first 4 responses per split in
+    completions.jsonl (the last step's once), scored as common.reward scores them, and two printed
+    before and after training."""
     out = tmp_path / "run"
     proc = ok(run("sft.py", "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--out", out))
+    shown = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["split"]) for c in shown] == [(s, split) for s in (0, 2, 4) for split in ("id", "ood")
+                                                         for _ in range(4)]
+    answers = {json.loads(line)["prompt"]: json.loads(line)["answer"]
+               for split in ("test_id", "test_ood") for line in (WORLD / f"{split}.jsonl").read_text().splitlines()}
+    assert all(c["reward"] == common.reward(c["response"], answers[c["prompt"]]) for c in shown)
+    for c in shown[:2] + shown[-8:-6]:  # the first two ID problems, before and after training
+        assert f"  {c['prompt']} -> {c['response']}  (" in proc.stdout
     m = metrics(out)
     assert [x["step"] for x in m if "eval/accuracy" in x] == [2, 4]
     assert [x["step"] for x in m if "eval/ood_accuracy" in x] == [2, 4]
