@@ -338,7 +338,11 @@ def test_micro_batch_accumulation_equals_one_batch(model, tok, cpu):
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_round_trip(tiny_model_dir):
+    """Text -> ids -> text through the scripts' loader, for a prompt and a worked solution, on the
+    tokenizer every model folder of the world has."""
     tok = common.load_tokenizer(tiny_model_dir)
+    for folder in ("student", "teacher_large", "teacher_small"):
+        assert common.load_tokenizer(common.WORLD / folder).get_vocab() == tok.get_vocab()
     ids = tok("37-58=").input_ids
     assert ids[0] == tok.bos_token_id
     assert len(ids) == 1 + len("37-58=")  # character level
@@ -346,9 +350,9 @@ def test_tokenizer_round_trip(tiny_model_dir):
     assert None not in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
     assert common.prompt_ids(tok, "37-58=") == ids
-    r = common.response_ids(tok, "-21")
-    assert r[-1] == tok.eos_token_id and tok.bos_token_id not in r
-    assert tok.decode(r, skip_special_tokens=True) == "-21"
+    r = common.response_ids(tok, "37+5=42;42-8=34;34-9=25")
+    assert r[-1] == tok.eos_token_id and tok.bos_token_id not in r and len(r) == 24
+    assert tok.decode(r, skip_special_tokens=True) == "37+5=42;42-8=34;34-9=25"
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -13,7 +13,8 @@ Responses are 12 to 38 tokens and EOS (23 on average); a wrong step spoils every
   out-of-distribution (OOD): 500 problems starting at 70..79, a start never seen in a training
                              prompt (the running totals of training solutions do pass through it)
 Writes into world/:
-  tokenizer + student/            base student (SFT'd briefly: ID accuracy between 20% and 45%)
+  tokenizer + student/            base student: the small teacher SFT'd on solutions that drop 75% of
+                                  the carries and borrows (ID accuracy between 20% and 45%)
   teacher_large/, teacher_small/  two teachers of different size and quality (large: ID >= 85%)
   sft.jsonl      {prompt, completion}                 every training problem with its worked solution
   prompts.jsonl  {prompt, answer, teacher_responses}  every training problem, with both teachers'
@@ -45,7 +46,7 @@ CHARS = "0123456789+-=;"
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TRAIN, TEST = 20000, 500  # training problems; test problems per split
 MAX_NEW_TOKENS = 48  # the longest solution is 38 tokens and EOS
-STUDENT_TARGET = 0.25  # the student trains 250 steps, then in rounds of 25 until it first reaches this
+SLIP = 0.75  # the student learns from solutions that drop a carry or borrow this often
 PREF_PROMPTS = 4000
 
 
@@ -56,11 +57,15 @@ def problem(rng, ood=False):
     return f"{start}" + "".join(f"{op}{x}" for op, x in steps) + "="
 
 
-def solve(prompt):
-    """The worked solution of a prompt: each step's running total, "37+5=42;42-8=34;34+9=43"."""
+def solve(prompt, slip=0.0, rng=None):
+    """The worked solution of a prompt: each step's running total, "37+5=42;42-8=34;34+9=43". With
+    slip > 0, a carry or borrow into the tens (totals >= 0) is dropped with that probability and the
+    chain goes on from the wrong total: "67+9=66;66-6=60" (the student's misconception)."""
     total, lines = int(prompt[:2]), []
     for op, x in zip(prompt[2:-1:2], prompt[3:-1:2]):
         new = total + int(x) if op == "+" else total - int(x)
+        if slip and min(total, new) >= 0 and new // 10 != total // 10 and rng.random() < slip:
+            new += -10 if op == "+" else 10  # the tens digit left as it was
         lines.append(f"{total}{op}{x}={new}")
         total = new
     return ";".join(lines)
@@ -111,11 +116,11 @@ def make_init(folder, vocab_size, hidden, layers, heads):
                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2).save_pretrained(folder)
 
 
-def sft(init, out, steps, seed, warmup=50):
+def sft(init, out, steps, seed, data=WORLD / "sft.jsonl"):
     """Train with the project's sft.py; returns its summary."""
     subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(init), "--out", str(out), "--steps", str(steps),
                     "--seed", str(seed), "--lr", "1e-3", "--batch-size", "64", "--micro-batch-size", "64",
-                    "--warmup-steps", str(warmup), "--max-new-tokens", str(MAX_NEW_TOKENS), "--data", str(WORLD / "sft.jsonl"),
+                    "--warmup-steps", "50", "--max-new-tokens", str(MAX_NEW_TOKENS), "--data", str(data),
                     "--eval-data", str(WORLD / "test_id.jsonl"), "--ood-data", str(WORLD / "test_ood.jsonl")],
                    check=True)
     return json.loads((Path(out) / "summary.json").read_text())
@@ -171,16 +176,13 @@ def main():
             results[name] = sft(tmp / name, tmp / f"{name}_run", steps, seed)
             shutil.rmtree(WORLD / name, ignore_errors=True)
             shutil.move(str(tmp / f"{name}_run" / "model"), str(WORLD / name))
-        # The student: the small teacher's shape, another seed, stopped early.
-        make_init(tmp / "student", vocab_size, 96, 4, 4)
-        current, round_ = tmp / "student", 0
-        while round_ == 0 or results["student"]["accuracy_after"] < STUDENT_TARGET:
-            round_ += 1
-            results["student"] = sft(current, tmp / f"student_{round_}", 250 if round_ == 1 else 25, 100 + round_,
-                                     50 if round_ == 1 else 5)
-            current = tmp / f"student_{round_}" / "model"
+        # The student: the small teacher re-taught by a sloppy tutor (solutions that drop SLIP of the
+        # carries and borrows), so it is sure of most steps and wrong in one way that a reward, a
+        # preference or a teacher can show it.
+        write_jsonl(tmp / "sloppy.jsonl", [{"prompt": p, "completion": solve(p, SLIP, rng)} for p in train])
+        results["student"] = sft(WORLD / "teacher_small", tmp / "student_run", 300, 3, tmp / "sloppy.jsonl")
         shutil.rmtree(WORLD / "student", ignore_errors=True)
-        shutil.move(str(current), str(WORLD / "student"))
+        shutil.move(str(tmp / "student_run" / "model"), str(WORLD / "student"))
     for name, r in results.items():
         print(f"{name}: ID accuracy {r['accuracy_after']:.3f}, OOD accuracy {r['ood_accuracy_after']:.3f}")
 
