@@ -6,24 +6,25 @@ with log pi(y|x) the SUM of the response tokens' log-probs; mean over the pairs 
 beta * (log pi - log pi_ref) is the implicit reward (Eq. 5); training raises it for chosen responses.
 
 Run:
-  python dpo.py                                         # tiny world, CPU, under a minute
+  python dpo.py                                         # tiny world, CPU, about 3 minutes
   python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl --eval-data test.jsonl --ood-data ood.jsonl
   python dpo.py --gpus 8 ...                            # or: torchrun --nproc-per-node 8 dpo.py ...
 
 Implementation details:
   1. Data: JSONL with `prompt`, `chosen`, `rejected` (TRL's names); EOS is appended to both
      responses and counts in their log-prob. The tiny world's pairs were sampled from the base
-     student: chosen is correct, rejected is wrong (world/build.py).
+     student: chosen is a right worked solution, rejected a wrong one (world/build.py).
   2. One forward over 2B rows per micro-batch: the chosen rows, then the rejected rows, with the
      prompt repeated (`concatenated_logps`).
   3. The reference is the initial policy. Its log-probs for every pair this run will use are
      computed by the policy itself before the first update, so no second model is ever loaded.
   4. Mean over the pairs of the global batch, whatever the micro-batch size and process count.
   5. Logged: reward accuracy (r_w > r_l), margin r_w - r_l, and the mean chosen and rejected rewards.
-  6. Deviation: the default beta is 1.0, not the usual 0.1, tuned on the tiny world (2-4 token
-     responses). There, beta 0.1 lets both implicit rewards fall while their margin grows, and
-     greedy accuracy drops (33% -> 24% at lr 1e-4; 33% -> 25% at lr 1e-5); beta 1.0 at lr 3e-5
-     gives 33% -> 63%. Pass --beta 0.1 on real models, as in the paper.
+  6. Deviation: the default beta is 1.0, not the usual 0.1, tuned on the first tiny world (answers
+     of 2-4 tokens), where beta 0.1 let both implicit rewards fall while their margin grew and
+     greedy accuracy dropped (33% -> 24%). Kept, with lr 3e-5, on the world of worked solutions,
+     where it lifts greedy ID accuracy 35% -> 54% in 150 steps (seed 1).
+     Pass --beta 0.1 on real models, as in the paper.
 """
 
 import time

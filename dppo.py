@@ -12,7 +12,7 @@ distance between mu and pi_theta; DPPO masks on an estimate D_t of a real diverg
 instead, and only the update that moves further away.
 
 Run:
-  python dppo.py                                        # tiny world, CPU, one to two minutes
+  python dppo.py                                        # tiny world, CPU, a few minutes
   python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
       --max-new-tokens 512 --group-size 16 --lr 1e-6   # the authors' G 16, lr 1e-6
   python dppo.py --trust-region clip                    # the baseline: ratio clip 0.2 / 0.28, all else equal
@@ -33,7 +33,7 @@ Implementation details:
      (the vocabulary collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t}
      plus an "other" bucket with the rest of the mass (clamped at 1e-12). Where a_t is already in
      the top-K it is not counted twice. delta defaults to 0.15 for TV and 0.05 for KL (the authors'
-     script). K = 20, capped at the vocabulary size (the tiny world has 17 tokens, so there the
+     script). K = 20, capped at the vocabulary size (the tiny world has 18 tokens, so there the
      Top-K divergences are exact).
   5. Loss as in the reference code: -A * sg(min(rho, C)) * M * log pi_theta, C = 10, whose gradient
      is that of -M * rho * A (Eq. 11) wherever rho < C. --trust-region clip is the paper's baseline,

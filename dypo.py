@@ -16,7 +16,7 @@ log are grpo.py's; the gate, the teacher traces, GAL and one joint micro-batch l
 its minibatch epochs; L_GRPO is grpo.py's loss with --beta 0 and --agg sequence, kept per prompt.
 
 Run:
-  python dypo.py                                       # tiny world, CPU, under a minute
+  python dypo.py                                       # tiny world, CPU, a few minutes
   python dypo.py --model Qwen/Qwen2.5-Math-1.5B --data train.jsonl --eval-data test.jsonl \\
       --ood-data ood.jsonl --max-new-tokens 1024 --gpus 1
   python dypo.py --gpus 8 ...                          # or: torchrun --nproc-per-node 8 dypo.py ...

@@ -11,7 +11,7 @@ averaged over each response's tokens, then over the responses (--agg sequence, E
 all tokens / their count (--agg token, DAPO) or / (responses x --max-new-tokens) (--agg constant, Dr. GRPO).
 
 Run:
-  python grpo.py                                        # tiny world, CPU, under a minute and a half
+  python grpo.py                                        # tiny world, CPU, about 2.5 minutes
   python grpo.py --model Qwen/Qwen2.5-Math-1.5B --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
       --max-new-tokens 1024 --group-size 64 --lr 1e-6   # the paper's G 64, lr 1e-6, beta 0.04
   python grpo.py --beta 0 --agg constant --no-scale-rewards ...  # Dr. GRPO; --beta 0 loads no reference

@@ -9,7 +9,7 @@ advantage in the importance-sampled REINFORCE loss
 N the number of response tokens in the whole optimizer step (all micro-batches, all processes).
 
 Run:
-  python opd.py                                       # tiny world (world/teacher_large), CPU, 1-2 minutes
+  python opd.py                                       # tiny world (world/teacher_large), CPU, a few minutes
   python opd.py --model Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B --data prompts.jsonl \
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --offload-teacher
   python opd.py --gpus 8 ...                          # or: torchrun --nproc-per-node 8 opd.py ...

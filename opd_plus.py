@@ -18,7 +18,7 @@ REINFORCE with w_f in place of the K1 reward:
   chi2           (u - 1)^2         (Pearson chi^2)     u^2 - 1            -f(u)
 
 Run:
-  python opd_plus.py                                  # tiny world, jsd, CPU, 1-2 minutes
+  python opd_plus.py                                  # tiny world, jsd, CPU, a few minutes
   python opd_plus.py --divergence fkl --stop-gradient # the paper's biased baseline for the same f
   python opd_plus.py --model Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B --data prompts.jsonl \
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --offload-teacher

@@ -9,7 +9,7 @@ then several epochs of minibatch updates of the clipped surrogate (the PPO paper
 and of the clipped value loss 0.5 * token mean of max((V - R)^2, (clip(V, V_old +- c) - R)^2).
 
 Run:
-  python ppo.py                                         # tiny world, CPU, about a minute and a half
+  python ppo.py                                         # tiny world, CPU, a few minutes
   python ppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
       --max-new-tokens 512 --lr 1e-6 --critic-lr 1e-5
   python ppo.py --gpus 8 ...                            # or: torchrun --nproc-per-node 8 ppo.py ...
@@ -44,9 +44,12 @@ Implementation details:
      (rho - 1) - log rho), entropy, value loss, value clipfrac; per rollout: reward mean, response
      length, KL to the reference (token mean of log mu - log pi_ref), explained variance of the
      critic's values for the returns.
-  9. Tiny-world defaults were tuned on the ID split, 60 steps: 64 prompts x 4 at lr 1e-4 gives
-     0.57 (seed 2: 0.57), with critic lr 3e-3 0.55; 32 x 8 gives 0.48 (seed 2: 0.54), and 0.29 at
-     lr 2e-4. On real models use learning rates like the example's (Huang et al. use 3e-6).
+  9. Tiny-world defaults were tuned on the ID split of the first world (answers of 2-4 tokens): 64
+     prompts x 4 at lr 1e-4 (32 x 8 and lr 2e-4 did worse). On the world of worked solutions a step
+     costs about five times as much (four updates of policy and critic over 25-token responses), so
+     the default is 20 rollout steps, not 60: seed 1 reached 0.80 greedy ID accuracy at step 20
+     (0.86 at step 30) from 0.35. On real models use learning rates like the example's (Huang et
+     al. use 3e-6).
 """
 
 import time
@@ -77,7 +80,7 @@ class Args:
     """out-of-distribution test JSONL, same format"""
     out: str = "runs/ppo"
     """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
-    steps: int = 60
+    steps: int = 20
     """rollout steps (each followed by epochs x minibatches optimizer steps)"""
     prompts_per_step: int = 64
     """prompts sampled per rollout step, over all processes"""

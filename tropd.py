@@ -13,7 +13,7 @@ maximised with the importance-sampled REINFORCE loss of opd.py for the student's
 direct gradient of the last term for the teacher's prefix tokens.
 
 Run:
-  python tropd.py                                     # tiny world (world/teacher_large), CPU, about a minute
+  python tropd.py                                     # tiny world (world/teacher_large), CPU, a few minutes
   python tropd.py --model Qwen/Qwen3-1.7B-Base --teacher Qwen/Qwen3-8B --data prompts.jsonl \
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --lr 5e-6 --offload-teacher
   python tropd.py --gpus 8 ...                        # or: torchrun --nproc-per-node 8 tropd.py ...
@@ -27,7 +27,7 @@ Implementation details (most of the paper's details come from secondary write-up
      sampling. One uniform per token of the global batch (seeded), so 1 and N processes agree.
   3. Outliers (`--outlier`): `fkl` (default) advantage = the negative forward KL from the teacher's
      top-K (K=64, `--top-k`) to the student, both renormalised over those K ids; `mask`: 0; `clip`:
-     max(log(pi_T/pi_S), --clip-tau). On the tiny world (17 tokens) the top-K is the whole vocabulary.
+     max(log(pi_T/pi_S), --clip-tau). On the tiny world (18 tokens) the top-K is the whole vocabulary.
   4. Guidance: each prompt adds one sample whose first floor((1 + cos(pi t / T)) / 2 * L) tokens are
      the teacher response's (L tokens with EOS; t the step counting from 0, T = --guide-steps), so
      step 1 trains on the whole teacher response and guidance is gone after T steps.

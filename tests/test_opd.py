@@ -207,7 +207,7 @@ def test_runs_and_two_processes_match_one(script, extra, small_eval, tmp_path):
     assert [r["step"] for r in one] == [1, 2]
     for r in one:
         assert r["distill/reverse_kl"] > 0 and 0 <= r["rollout/reward_mean"] <= 1
-        assert 1 <= r["rollout/response_length"] <= 8
+        assert 1 <= r["rollout/response_length"] <= 48
     if script == "opd.py":  # on-policy the ratio is 1, so the loss is the K1 reverse KL
         assert [r["train/loss"] for r in one] == pytest.approx([r["distill/reverse_kl"] for r in one], abs=1e-4)
     else:
