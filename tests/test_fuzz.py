@@ -412,7 +412,7 @@ def test_sft_fits_a_small_context(gpt2_dir, small_eval, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": "1+1=" * n}], "completion": c}
             for n in (1, 4, 7) for c in ("2", "2" * 20)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = ok(run("sft.py", "--model", gpt2_dir, "--data", data, *small_eval, "--steps", 2, "--batch-size", 4,
+    proc = ok(run("sft.py", "--model", gpt2_dir, "--data", data, *small_eval, "--steps", 2, "--batch-size", 4, "--max-new-tokens", 8,
                   "--out", tmp_path / "run"))
     assert proc.stdout.count("2 of the 6 prompts of") == 1 and proc.stdout.count("response(s) of") == 1
     assert "Traceback" not in proc.stderr and summary(tmp_path / "run")["steps"] == 2

@@ -112,7 +112,7 @@ def make_init(folder, vocab_size, hidden, layers, heads):
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=96,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2).save_pretrained(folder)
 
 
