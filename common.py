@@ -1232,7 +1232,7 @@ class Logger:
     greedy responses to <out>/completions.jsonl."""
 
     def __init__(self, out, d, total_steps, args):
-        self.d, self.out, self.max_new_tokens = d, Path(out), args.max_new_tokens
+        self.d, self.out, self.max_new_tokens, self.eval_every = d, Path(out), args.max_new_tokens, args.eval_every
         self.warned_truncation, self.total, self.bar = False, total_steps, None  # (the bar: start())
         self.completions, self.last_scores = [], None  # lines for completions.jsonl, written from start()
         if d.main:
@@ -1303,15 +1303,17 @@ class Logger:
     def start(self, step):
         """Start the progress bar at the loop's first step, after `step` (0, or the step a resumed run
         continues after: metrics.jsonl and completions.jsonl keep their lines up to it and drop the
-        later ones, which a killed run may have logged after its last state); write the responses of
-        the evaluation before training (a resumed run has them already)."""
+        later ones, which a killed run may have logged after its last state, and the responses of a
+        finished run's evaluation after training, unless --eval-every scores that step too); write
+        the responses of the evaluation before training (a resumed run has them already)."""
         if self.d.main and step:
-            self.completions = []
+            self.completions, scored = [], self.eval_every and step % self.eval_every == 0
             for name in ("metrics.jsonl", "completions.jsonl"):
                 path, kept = self.out / name, []
                 for line in (path.read_text().splitlines() if path.exists() else []):
                     try:
-                        if json.loads(line)["step"] <= step:
+                        at = json.loads(line)["step"]
+                        if at < step or at == step and (scored or name == "metrics.jsonl"):
                             kept.append(line + "\n")
                     except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                         pass

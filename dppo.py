@@ -56,10 +56,10 @@ Implementation details:
      inference engine samples for an fp32 learner. On a GPU the policy already computes in bf16
      (autocast), so there the option rounds only what autocast leaves in fp32 (norms, biases).
   9. Deviations: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
-     models. Tiny-world defaults (32 prompts x 8, lr 5e-5, 100 steps) were tuned on the ID split:
-     with no critic, no whitening and no KL penalty the update is noisier than ppo.py's, and
-     higher rates did worse (DPPO, 60 steps: lr 1e-4 0.44 ID, the clip baseline 0.47; lr 3e-4
-     collapses to 0.04, lr 2e-4 with 64 x 4 to 0.11).
+     models. Tiny-world defaults: 32 prompts x 8 and lr 5e-5, as grpo.py (on the first world, of
+     2-4 token answers, higher rates did worse: lr 3e-4 collapsed); 80 rollout steps, not grpo.py's
+     100, because each takes four optimizer steps: on the world of worked solutions 100 steps took
+     320 s on 2 cores (0.346 -> 0.908 ID, seed 1) and the sampled accuracy had levelled by step 80.
 """
 
 import time
@@ -91,7 +91,7 @@ class Args:
     """out-of-distribution test JSONL, same format"""
     out: str = "runs/dppo"
     """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
-    steps: int = 100
+    steps: int = 80
     """rollout steps (each followed by epochs x minibatches optimizer steps)"""
     prompts_per_step: int = 32
     """prompts sampled per rollout step, over all processes"""

@@ -36,6 +36,8 @@ Implementation details:
      accuracy is printed once at start-up, for reference, and written to summary.json.
   6. Tiny-world choice: lr 1e-4, picked on the tiny world (3e-4 and 1e-3 destabilise it: ID
      accuracy 0.26 and 0.00 after 100 steps of 32 prompts); real models want smaller rates.
+     80 steps of 64 prompts x 4: on the world of worked solutions 100 steps took 295 s on 2 cores
+     (0.346 -> 0.950 ID, seed 1), at the 5-minute bound, and the samples' accuracy had levelled.
      Sampling is at temperature 1 only: the reward and the importance ratio take the sampler
      to be the student itself.
 """
@@ -66,7 +68,7 @@ class Args:
     """out-of-distribution test JSONL, same format"""
     out: str = "runs/opd"
     """run folder: metrics.jsonl, summary.json and the checkpoint model/"""
-    steps: int = 100
+    steps: int = 80
     """optimizer steps (one rollout batch each)"""
     prompts_per_step: int = 64
     """prompts sampled per step, over all processes"""

@@ -276,7 +276,7 @@ def test_two_processes_match_one(topk_one_process, small_eval, tmp_path):
         assert [r[key] for r in a] == [r[key] for r in b], key
     for key in ("train/loss", "policy/masked_frac", "policy/divergence_mean", "policy/divergence_max",
                 "policy/entropy"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-4), key
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-3, abs=1e-4), key
 
 
 def test_clip_baseline_runs(small_eval, tmp_path):

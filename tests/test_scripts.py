@@ -1,7 +1,9 @@
 """End-to-end runs of the scripts on the tiny world: smoke, learning, equivalences, bad input."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ WORLD = ROOT / "world"
 
 
 EVAL_SLICES = Path(tempfile.mkdtemp(prefix="eval_slices_"))  # the first 100 problems of each test split
+atexit.register(shutil.rmtree, EVAL_SLICES, ignore_errors=True)
 for _split in ("test_id", "test_ood"):
     _lines = (WORLD / f"{_split}.jsonl").read_text().splitlines(keepends=True)[:100]
     (EVAL_SLICES / f"{_split}.jsonl").write_text("".join(_lines))
