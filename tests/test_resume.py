@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from test_scripts import ROOT, metrics, ok, one_line_error, run, summary
+from test_scripts import ROOT, metrics, ok, one_line_error, run, summary, with_slices
 
 STEPS = 6
 DPO = ["dpo.py", "--steps", STEPS, "--batch-size", 8, "--micro-batch-size", 4, "--lr", 1e-3]
@@ -40,11 +40,13 @@ def uninterrupted(tmp_path_factory, small_eval):
 
 
 def start(command, out, log):
-    """Start a run as its own process group (so that a kill reaches every process it spawns)."""
+    """Start a run on the world's slices (with_slices) as its own process group (so that a kill
+    reaches every process it spawns)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
+    args = with_slices(command[0], command[1:])
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(ROOT / command[0]), *map(str, command[1:]), "--out", str(out)],
+        return subprocess.Popen([sys.executable, str(ROOT / command[0]), *map(str, args), "--out", str(out)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
 
