@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -614,6 +613,14 @@ def save_checkpoint(model, tokenizer, path, d):
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_errors():
+    """What torch.save and safetensors raise for an OSError beneath, and torch.distributed.checkpoint's
+    CheckpointException where it was imported (by a state's save: imported at start-up, it and FSDP's
+    import add a second and a half to every run)."""
+    dcp = sys.modules.get("torch.distributed.checkpoint.api")
+    return (OSError, RuntimeError, SafetensorError, *([dcp.CheckpointException] if dcp else []))
+
+
 @contextmanager
 def writing(path, d, cleanup=None):
     """Every process runs the block's writes; one that fails on any process (a full disk, a quota, a
@@ -622,9 +629,8 @@ def writing(path, d, cleanup=None):
     error = None
     try:
         yield
-    except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:  # (what torch.save, safetensors
-        # and torch.distributed.checkpoint raise for an OSError beneath)
-        error = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+    except _write_errors() as e:
+        error = next(iter(e.failures.values()))[0] if getattr(e, "failures", None) else e
     failed = all_max(float(error is not None), d).item() > 0 if d.world > 1 else error is not None
     if failed:
         if d.main and cleanup:
@@ -1044,8 +1050,8 @@ def gathered(model):
     """Under FSDP2, the model's full weights for the block: each unit all-gathered once and freed at its
     end, not once per forward (a generation makes one forward per token). The cost: the unsharded
     weights in the compute dtype on every process meanwhile (bf16 on GPU: 2 bytes a parameter)."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded; see _write_errors)
+    units = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp else []
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -1506,6 +1512,7 @@ class Checkpointer:
             log.start(0)
             return 0
         from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         folder, step = self.state["folder"], self.state["step"]
         for group, saved in zip(self.optimizer.param_groups, self.state["param_groups"]):

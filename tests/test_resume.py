@@ -144,7 +144,7 @@ def in_process(script, *args, monkeypatch, capsys):
     """Run `script` in this process, as common.run would from the command line (cheaper than a
     subprocess for a run that stops at start-up); returns its exit status and stderr."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (so init_distributed leaves this process's threads alone)
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    monkeypatch.setattr(sys, "argv", [script, *map(str, with_slices(script, args))])
     with pytest.raises(SystemExit) as exit:
         common.run(importlib.import_module(script[:-3]).main)
     return SimpleNamespace(returncode=exit.value.code, stderr=capsys.readouterr().err)
