@@ -271,6 +271,8 @@ def run(main):
     finally:
         while _held:  # the run folder is free again (for a main() run again in this process)
             _held.popitem()[1].close()
+        if dist.is_initialized():  # (left to the interpreter's exit, gloo's threads may abort the process)
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- distributed
