@@ -198,10 +198,11 @@ def mean_sd(values):
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
 
 
-def shown(stat, digits=3):
+def shown(stat, spec=".3f"):
+    """'mean +- sd' in the format spec ('.3g' keeps a share of 0.0004 from showing as 0.000); '-' for None."""
     if stat is None:
         return "-"
-    return f"{stat[0]:.{digits}f}" + ("" if stat[1] is None else f" +- {stat[1]:.{digits}f}")
+    return f"{stat[0]:{spec}}" + ("" if stat[1] is None else f" +- {stat[1]:{spec}}")
 
 
 def difference(a, b):
@@ -235,7 +236,7 @@ def table(rows, done_runs, commands_of):
         peak = "-" if s["peak"] is None else f"{s['peak']:.2f}"
         lines.append(f"| {label} | {s['n']} | {shown(s['id'])} | {shown(s['ood'])} | {versus[0] if versus else ''} "
                      f"| {difference(s['id'], v['id']) if v else ''} | {difference(s['ood'], v['ood']) if v else ''} "
-                     f"| {shown(s['before'])} | {shown(s['seconds'], 0)} "
+                     f"| {shown(s['before'])} | {shown(s['seconds'], '.0f')} "
                      f"| {peak} | {command} |")
     return lines
 
@@ -244,7 +245,7 @@ def mechanisms(done_runs):
     """The markdown lines of the mechanisms table ([] when no row of MECHANISMS has a finished run).
     Per seed, the mean of the metric over the lines of its last command's metrics.jsonl that have it:
     its first 20% (at least one line), its last 20% (at least one line), all of them; each cell is the
-    mean +- sample sd of that over the seeds that logged the metric (n)."""
+    mean +- sample sd of that over the seeds that logged the metric (n), to 3 significant digits."""
     lines = []
     for label, what, key in MECHANISMS:
         done = done_runs(label)
@@ -254,7 +255,7 @@ def mechanisms(done_runs):
         k = [max(1, len(v) // 5) for v in seeds]
         early, late, whole = (mean_sd([statistics.fmean(part) for part in parts]) for parts in (
             [v[:n] for v, n in zip(seeds, k)], [v[-n:] for v, n in zip(seeds, k)], seeds))
-        lines.append(f"| {label} | `{key}` | {what} | {len(seeds)} | {shown(early)} | {shown(late)} | {shown(whole)} |")
+        lines.append(f"| {label} | `{key}` | {what} | {len(seeds)} | {shown(early, '.3g')} | {shown(late, '.3g')} | {shown(whole, '.3g')} |")
     return ["| run | metric | what it shows | n | early (first 20% of steps) | late (last 20%) | whole run mean |",
             "|---|---|---|---|---|---|---|", *lines] if lines else []
 

@@ -79,7 +79,7 @@ def test_mechanisms_table_early_late_whole(tmp_path):
     assert {label for label, _, _ in results.MECHANISMS} <= labels
     ppo = {1: [0.1 * i for i in range(10)], 2: [0.2, 0.4, 0.6, 0.8, 1.0]}  # 20%: 2 lines, then 1 line
     runs = {}
-    for label, seeds in (("PPO", ppo), ("DPPO", {1: [0.3, 0.1, 0.2]})):
+    for label, seeds in (("PPO", ppo), ("DPPO", {1: [3e-4, 1e-4, 2e-4]})):
         for seed, values in seeds.items():
             run = results.make_run(label, ["ppo.py"], seed, tmp_path, "")
             run.folder.mkdir(parents=True)
@@ -94,7 +94,8 @@ def test_mechanisms_table_early_late_whole(tmp_path):
     # every pair of seeds differs by 0.15: sample sd 0.15 / sqrt(2) = 0.106
     assert lines[2] == ("| PPO | `critic/explained_variance` | critic explained variance | 2 "
                         "| 0.125 +- 0.106 | 0.925 +- 0.106 | 0.525 +- 0.106 |")
-    # DPPO, one seed of 3 lines: early and late are one line each; clipfrac was never logged
-    assert lines[3].startswith("| DPPO | `policy/masked_frac` |") and lines[3].endswith("| 1 | 0.300 | 0.200 | 0.200 |")
+    # DPPO, one seed of 3 lines: early and late are one line each, a share of 0.0002 is not shown as 0.000;
+    # clipfrac was never logged
+    assert lines[3].startswith("| DPPO | `policy/masked_frac` |") and lines[3].endswith("| 1 | 0.0003 | 0.0002 | 0.0002 |")
     assert lines[4].startswith("| DPPO | `policy/clipfrac` |") and lines[4].endswith("| 0 | - | - | - |")
     assert results.mechanisms(lambda label: []) == []
