@@ -6,7 +6,7 @@ with log pi(y|x) the SUM of the response tokens' log-probs; mean over the pairs 
 beta * (log pi - log pi_ref) is the implicit reward (Eq. 5); training raises it for chosen responses.
 
 Run:
-  python dpo.py                                         # tiny world, CPU, about 3 minutes
+  python dpo.py                                         # tiny world, CPU, under 2 minutes
   python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prefs.jsonl --eval-data test.jsonl --ood-data ood.jsonl
   python dpo.py --gpus 8 ...                            # or: torchrun --nproc-per-node 8 dpo.py ...
 

@@ -60,6 +60,7 @@ Implementation details:
      2-4 token answers, higher rates did worse: lr 3e-4 collapsed); 80 rollout steps, not grpo.py's
      100, because each takes four optimizer steps: on the world of worked solutions 100 steps took
      320 s on 2 cores (0.346 -> 0.908 ID, seed 1) and the sampled accuracy had levelled by step 80.
+     The 80-step default, 3 seeds (results.py): 0.914 +- 0.030 ID, 185 s with evaluations every 20 steps.
 """
 
 import time

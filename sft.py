@@ -8,7 +8,7 @@ the number of completion tokens in the whole optimizer step (all micro-batches, 
 so gradient accumulation and the process count do not change the loss.
 
 Run:
-  python sft.py                                        # tiny world, CPU, about 2 minutes
+  python sft.py                                        # tiny world, CPU, about a minute
   python sft.py --model Qwen/Qwen2.5-0.5B --data sft.jsonl --eval-data test.jsonl --ood-data ood.jsonl
   python sft.py --gpus 8 ...                           # or: torchrun --nproc-per-node 8 sft.py ...
 
