@@ -66,12 +66,15 @@ EXPERIMENTS = {
         ("PPO", [f"ppo.py {EVAL}"]),
         ("GRPO", [f"grpo.py {EVAL}"]),
         DPPO, DYPO, OPD, OPD_PLUS_JSD, TROPD]),
-    "dypo": ("DYPO against SFT then RL and against GRPO alone, on the same budget (100 steps of 32 prompts)", [
+    "dypo": ("DYPO against SFT then RL and against GRPO alone, on the same budget (100 steps of 32 prompts), "
+             "and DYPO without its GAL or its SFT term", [
         DYPO,
         ("SFT then RL", ["sft.py --data world/teacher_sft.jsonl --steps 50 --batch-size 32 --micro-batch-size 32 "
                          "--lr 5e-5 --warmup-steps 5 --out {out}/sft",
                          "dypo.py --model {out}/sft/model --alpha 1 --sft-weight 0 --steps 50"], "DYPO"),
-        ("GRPO alone", ["dypo.py --alpha 1 --sft-weight 0"], "DYPO")]),
+        ("GRPO alone", ["dypo.py --alpha 1 --sft-weight 0"], "DYPO"),
+        ("DYPO without GAL", ["dypo.py --alpha 1"], "DYPO"),
+        ("DYPO without SFT", ["dypo.py --sft-weight 0"], "DYPO")]),
     "dppo": ("DPPO against its ratio-clip baseline: default flags, then three stress regimes", [
         DPPO, ("clip", ["dppo.py --trust-region clip"], "DPPO"),
         *[row for regime, flags in STRESS.items() for row in
