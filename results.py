@@ -258,7 +258,8 @@ def mechanisms(done_runs):
         k = [max(1, len(v) // 5) for v in seeds]
         early, late, whole = (mean_sd([statistics.fmean(part) for part in parts]) for parts in (
             [v[:n] for v, n in zip(seeds, k)], [v[-n:] for v, n in zip(seeds, k)], seeds))
-        lines.append(f"| {label} | `{key}` | {what} | {len(seeds)} | {shown(early, '.3g')} | {shown(late, '.3g')} | {shown(whole, '.3g')} |")
+        cells = " | ".join(shown(stat, ".3g") for stat in (early, late, whole))
+        lines.append(f"| {label} | `{key}` | {what} | {len(seeds)} | {cells} |")
     return ["| run | metric | what it shows | n | early (first 20% of steps) | late (last 20%) | whole run mean |",
             "|---|---|---|---|---|---|---|", *lines] if lines else []
 
