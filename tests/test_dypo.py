@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dypo
-from test_scripts import SUMMARY_FIELDS, metrics, ok, one_line_error, run, summary
+from test_scripts import EVAL100, SUMMARY_FIELDS, metrics, ok, one_line_error, run, summary
 
 REWARDS = torch.tensor([[0., 0., 0., 0.],    # hard
                         [1., 0., 1., 0.],    # mid, 2 x 2 pairs
@@ -172,7 +172,7 @@ def test_learns(tmp_path):
     """A short run (40 of the default 100 steps, at twice the default rate: 0.34 -> 0.54 on the
     100-problem slice, seed 1; at the default rate 40 steps gave +4 points) raises ID accuracy by 10."""
     out = tmp_path / "run"
-    ok(run("dypo.py", "--steps", 40, "--lr", 1e-4, "--out", out))
+    ok(run("dypo.py", "--steps", 40, "--lr", 1e-4, *EVAL100, "--out", out))
     s = summary(out)
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.10, s
     m = metrics(out)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import common
-from test_scripts import metrics, ok, one_line_error, run, summary
+from test_scripts import EVAL100, metrics, ok, one_line_error, run, summary
 
 peft = pytest.importorskip("peft")  # (the README's test command installs it)
 
@@ -144,7 +144,7 @@ def test_dpo_learns_with_lora(tmp_path):
     accuracy by >= 10 points on the tiny world: 60 of the 150 default steps at lr 1e-3 (0.34 -> 0.53
     on the 100-problem slice, seed 1; lr 5e-4 needs all 150)."""
     ok(run("dpo.py", "--lora-rank", 8, "--lr", 1e-3, "--steps", 60, "--data", common.WORLD / "prefs.jsonl",
-           "--out", tmp_path / "dpo"))
+           *EVAL100, "--out", tmp_path / "dpo"))
     s = summary(tmp_path / "dpo")
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.10, s
 

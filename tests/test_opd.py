@@ -11,7 +11,7 @@ import torch
 import common
 import opd
 import opd_plus
-from test_scripts import WORLD, metrics, ok, one_line_error, run, summary, SUMMARY_FIELDS
+from test_scripts import EVAL100, WORLD, metrics, ok, one_line_error, run, summary, SUMMARY_FIELDS
 
 
 # ----------------------------------------------------------------------------- opd.py maths
@@ -220,13 +220,13 @@ def test_runs_and_two_processes_match_one(script, extra, small_eval, tmp_path):
         assert [r[key] for r in one] == pytest.approx([r[key] for r in two], abs=1e-4), key
 
 
-LEARN = ["--steps", 20, "--prompts-per-step", 32]  # an eighth of the default compute
+LEARN = ["--steps", 20, "--prompts-per-step", 32, *EVAL100]  # an eighth of the default compute
 
 
 def test_opd_learns(tmp_path):
     """The issue's bar, on a short run of 12 steps: +10 points of greedy ID accuracy (0.34 -> 0.52 on
     the 100-problem slice, seed 1; the default run gets more)."""
-    ok(run("opd.py", "--steps", 12, "--prompts-per-step", 32, "--out", tmp_path / "r"))
+    ok(run("opd.py", "--steps", 12, "--prompts-per-step", 32, *EVAL100, "--out", tmp_path / "r"))
     s = summary(tmp_path / "r")
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.10, s
 

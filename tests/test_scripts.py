@@ -31,17 +31,22 @@ def head(path, n):
     return out
 
 
+# For the tests that learn: the first 100 problems of each split, where a 10-point lift is 10 problems.
+EVAL100 = ["--eval-data", head(WORLD / "test_id.jsonl", 100), "--ood-data", head(WORLD / "test_ood.jsonl", 100)]
+
+
 def with_slices(script, args):
     """`args`, plus the slices of the world a test runs on where they name none of their own: the first
-    100 problems of each test split as --eval-data and --ood-data (greedy worked solutions for all
-    2 x 500 cost about 10 s per evaluation) and, for a method file, the first 2,000 records of its
-    default --data (tokenizing all 20,000 or 40,000 at start-up costs about 2 s per run)."""
+    16 problems of each test split as --eval-data and --ood-data (greedy worked solutions for all
+    2 x 500 cost about 10 s per evaluation; the tests that learn ask for EVAL100) and, for a method file,
+    the first 2,000 records of its default --data (tokenizing all 20,000 or 40,000 at start-up costs
+    about 2 s per run)."""
     if script == "bench.py":
         return args
     named = {str(a) for a in args}
     data = getattr(getattr(importlib.import_module(script[:-3]), "Args", None), "data", None)
-    return (*args, *([] if "--eval-data" in named else ["--eval-data", head(WORLD / "test_id.jsonl", 100)]),
-            *([] if "--ood-data" in named else ["--ood-data", head(WORLD / "test_ood.jsonl", 100)]),
+    return (*args, *([] if "--eval-data" in named else ["--eval-data", head(WORLD / "test_id.jsonl", 16)]),
+            *([] if "--ood-data" in named else ["--ood-data", head(WORLD / "test_ood.jsonl", 16)]),
             *([] if "--data" in named or data is None else ["--data", head(data, 2000)]))
 
 
@@ -135,7 +140,7 @@ def test_dpo_learns(tmp_path):
     100-problem slice, 35 s, seed 1; the default, 150 steps at 3e-5, is in the README: 0.346 -> 0.546 +- 0.030
     over 3 seeds)."""
     out = tmp_path / "dpo"
-    ok(run("dpo.py", "--data", WORLD / "prefs.jsonl", "--steps", 50, "--lr", 1e-4, "--out", out))
+    ok(run("dpo.py", "--data", WORLD / "prefs.jsonl", "--steps", 50, "--lr", 1e-4, *EVAL100, "--out", out))
     s = summary(out)
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.10, s
     m = metrics(out)
