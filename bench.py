@@ -427,9 +427,9 @@ def tropd_recipe(s):
     def update(state):
         r, t, mask = state["rollout"], state["teacher"], state["rollout"]["response_mask"]
         student = model(r["input_ids"], r["attention_mask"], r["prompt_width"], gather=t["topk_ids"])
-        outlier = tropd.topk_forward_kl(t["topk_logp"], student["gather_logp"])
-        advantages = tropd.tropd_advantage(t["logp"], r["logp"], state["trusted"], outlier, "fkl", -2.0) * mask
-        loss = tropd.tropd_loss(student["logp"], r["logp"], advantages, mask, torch.zeros_like(mask), 0.001)
+        kl = tropd.topk_forward_kl(t["topk_logp"], student["gather_logp"]) * (1 - state["trusted"]) * mask
+        advantages = tropd.tropd_advantage(t["logp"], r["logp"], state["trusted"], kl, "fkl", -2.0) * mask
+        loss = tropd.tropd_loss(student["logp"], r["logp"], advantages, mask, torch.zeros_like(mask), 0.001, None, kl)
         s.step(loss, optimizer, model)
     return {"generation": generate, "scoring": score, "update": update}, [model]
 

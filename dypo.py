@@ -60,6 +60,7 @@ Implementation details:
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,9 @@ class Args:
     """beta of the Group Alignment Loss (Eq. 14)"""
     sft_weight: float = 1.0
     """gamma: weight of the multi-teacher SFT loss on Hard prompts (Eq. 4; not given in the paper)"""
+    grpo_agg: Literal["sum", "mean"] = "sum"
+    """L_GRPO per response: the SUM of its tokens' surrogate (the paper's trajectory scale, Eq. 12) or their MEAN
+    (grpo.py's --agg sequence, this file's reading before issue 31: it shrinks GRPO by the response length)"""
     lr: float = 5e-5
     """peak learning rate"""
     warmup_steps: int = 5
@@ -159,17 +163,21 @@ def grpo_advantages(rewards, scale=True):
     return centred / (rewards.std(-1, keepdim=True) + 1e-6) if scale else centred
 
 
-def grpo_loss(logp, rollout_logp, advantages, mask, clip_eps):
-    """grpo.py's loss with --beta 0 and --agg sequence, per group. logp, rollout_logp, mask: (P, k, T), mask 1 on
-    valid tokens; advantages (P, k). Returns (P,): each response's token mean of -min(rho A, clip(rho, 1 - eps,
-    1 + eps) A), rho = exp(logp - rollout_logp), averaged over the group; and (P,) each group's share of tokens
-    whose gradient the clip removes (A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps)."""
+def grpo_loss(logp, rollout_logp, advantages, mask, clip_eps, agg="sum"):
+    """L_GRPO per group, at the trajectory scale of Eq. 12. logp, rollout_logp, mask: (P, k, T), mask 1 on valid
+    tokens; advantages (P, k). Per token -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp -
+    rollout_logp); per response the SUM over its tokens (agg "sum": on-policy the gradient is -A_i grad log
+    pi(tau_i | q)) or their MEAN (agg "mean", grpo.py's --agg sequence); then the mean over the k responses.
+    Returns (P,) losses, and (P,) each group's share of tokens whose gradient the clip removes (A > 0 and
+    rho > 1 + eps, or A < 0 and rho < 1 - eps)."""
     ratio = torch.exp((logp - rollout_logp) * mask)                                    # (P, k, T)
     A = advantages[..., None]
     losses = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
-    losses = losses * mask
+    losses = (losses * mask).sum(-1)                                                   # (P, k)
+    if agg == "mean":
+        losses = losses / mask.sum(-1).clamp(min=1)
     clipped = ((ratio > 1 + clip_eps) & (A > 0) | (ratio < 1 - clip_eps) & (A < 0)) * mask
-    return (losses.sum(-1) / mask.sum(-1).clamp(min=1)).mean(-1), clipped.sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+    return losses.mean(-1), clipped.sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
 
 
 def gal_loss(seq_logp, ref_seq_logp, rewards, beta):
@@ -196,14 +204,16 @@ def teacher_trace(row, u):
 
 
 def dypo_loss(mid_logp, mid_rollout_logp, mid_mask, mid_ref_seq_logp, mid_rewards, hard_logp, hard_mask,
-              alpha, beta_gal, sft_weight, clip_eps):
+              alpha, beta_gal, sft_weight, clip_eps, grpo_agg="sum"):
     """Eq. 4, summed (not averaged) over the Mid and Hard prompts given; Easy prompts add nothing.
     Mid: mid_logp (with gradient), mid_rollout_logp, mid_mask (M, k, T), mid_ref_seq_logp and
     mid_rewards (M, k). Hard: hard_logp (with gradient), hard_mask (H, T), one teacher trace each.
+    grpo_agg: each response's GRPO surrogate summed ("sum") or averaged ("mean") over its tokens (grpo_loss).
     Returns (loss, parts): parts holds detached sums for logging."""
     M = mid_rewards.shape[0]
-    grpo, clipfrac = grpo_loss(mid_logp, mid_rollout_logp, grpo_advantages(mid_rewards), mid_mask, clip_eps)  # (M,)
-    seq = mid_logp.sum(-1)                                                            # (M, k)
+    grpo, clipfrac = grpo_loss(mid_logp, mid_rollout_logp, grpo_advantages(mid_rewards), mid_mask, clip_eps,
+                               grpo_agg)                                                # (M,)
+    seq = (mid_logp * mid_mask).sum(-1)                                               # (M, k)
     gal = torch.stack([gal_loss(seq[j:j + 1], mid_ref_seq_logp[j:j + 1], mid_rewards[j:j + 1], beta_gal)
                        for j in range(M)]) if M else seq.new_zeros(0)                # (M,) one mean per group
     nll = sft_nll(hard_logp, hard_mask)                                               # (H,)
@@ -280,7 +290,7 @@ def main():
                                     F.pad(rollout_logp[rollout_rows], (0, m.shape[1] - mask.shape[1])).view(shape),
                                     m[:n].view(shape), ref_logp[rollout_rows].sum(-1).view(len(mids), k), groups[mids],
                                     logp[n:n + len(hards)], m[n:n + len(hards)], args.alpha, args.beta_gal,
-                                    args.sft_weight, args.clip_eps)
+                                    args.sft_weight, args.clip_eps, args.grpo_agg)
             loss = weight * loss / n_prompts
             loss.backward()
             stats.update(parts, loss=loss.item(), sft=len(hards), trained=len(mids) + len(hards))

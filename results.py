@@ -67,14 +67,15 @@ EXPERIMENTS = {
         ("GRPO", [f"grpo.py {EVAL}"]),
         DPPO, DYPO, OPD, OPD_PLUS_JSD, TROPD]),
     "dypo": ("DYPO against SFT then RL and against GRPO alone, on the same budget (100 steps of 32 prompts), "
-             "and DYPO without its GAL or its SFT term", [
+             "DYPO without its GAL or its SFT term, and with GRPO's per-response token mean (the earlier reading)", [
         DYPO,
         ("SFT then RL", ["sft.py --data world/teacher_sft.jsonl --steps 50 --batch-size 32 --micro-batch-size 32 "
                          "--lr 5e-5 --warmup-steps 5 --out {out}/sft",
                          "dypo.py --model {out}/sft/model --alpha 1 --sft-weight 0 --steps 50"], "DYPO"),
         ("GRPO alone", ["dypo.py --alpha 1 --sft-weight 0"], "DYPO"),
         ("DYPO without GAL", ["dypo.py --alpha 1"], "DYPO"),
-        ("DYPO without SFT", ["dypo.py --sft-weight 0"], "DYPO")]),
+        ("DYPO without SFT", ["dypo.py --sft-weight 0"], "DYPO"),
+        ("DYPO GRPO token mean", ["dypo.py --grpo-agg mean"], "DYPO")]),
     "dppo": ("DPPO against its ratio-clip baseline: default flags, then three stress regimes", [
         DPPO, ("clip", ["dppo.py --trust-region clip"], "DPPO"),
         *[row for regime, flags in STRESS.items() for row in
@@ -84,11 +85,13 @@ EXPERIMENTS = {
         row for div in ("rkl", "fkl", "jsd") for row in
         ((f"OPD+ {div}", [f"opd_plus.py --divergence {div}"]) if div != "jsd" else OPD_PLUS_JSD,
          (f"OPD+ {div} stop-grad", [f"opd_plus.py --divergence {div} --stop-gradient"], f"OPD+ {div}"))]),
-    "tropd": ("TrOPD (top-K forward KL on outliers, teacher-prefix guidance) against OPD, and its ablations", [
+    "tropd": ("TrOPD (top-K forward KL loss on outliers, teacher-prefix guidance) against OPD, its ablations, and "
+              "the KL used as a detached advantage (the earlier reading)", [
         OPD, (*TROPD, "OPD"),
         ("TrOPD outliers mask", ["tropd.py --outlier mask"], "TrOPD"),
         ("TrOPD outliers clip", ["tropd.py --outlier clip"], "TrOPD"),
-        ("TrOPD no guidance", ["tropd.py --guide-steps 0"], "TrOPD")]),
+        ("TrOPD no guidance", ["tropd.py --guide-steps 0"], "TrOPD"),
+        ("TrOPD fkl as advantage", ["tropd.py --outlier fkl-advantage"], "TrOPD")]),
 }
 
 # Figures: file -> (title, panels); a panel is (title, y-axis label, lines); a line is (legend, row

@@ -103,10 +103,12 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
-    outlier: Literal["fkl", "mask", "clip"] = "fkl"
-    """advantage of untrusted tokens: fkl (negative top-K forward KL), mask (0) or clip (max(log u, clip_tau))"""
+    outlier: Literal["fkl", "fkl-advantage", "mask", "clip"] = "fkl"
+    """what untrusted tokens get: fkl (the top-K forward KL as a loss, Eq. 13), fkl-advantage (minus that KL,
+    detached, as the sampled token's advantage: this file's reading before issue 31), mask (nothing) or clip (the
+    advantage max(log u, clip_tau))"""
     top_k: int = 64
-    """K of the teacher's top-K in the fkl outlier advantage"""
+    """K of the teacher's top-K in the outlier forward KL"""
     clip_tau: float = -2.0
     """floor of log(pi_T/pi_S) for --outlier clip"""
     guide_steps: int = 80
@@ -165,28 +167,33 @@ def prefix_length(step, total_steps, length):
 
 
 def topk_forward_kl(teacher_topk_logp, student_logp_at_teacher_topk):
-    """Outlier advantage: -KL(p_T || p_S) over the teacher's top-K ids, both renormalised over those
-    K. Inputs (B, R, K); returns (B, R), <= 0."""
+    """Eq. 13's outlier term: KL(p_T || p_S) over the teacher's top-K ids, both renormalised over those K.
+    Inputs (B, R, K), the student's with gradient; returns (B, R), >= 0, differentiable through the student's
+    K log-probs (d KL / d student logit_v = p_S,v - p_T,v over the K)."""
     log_t = torch.log_softmax(teacher_topk_logp, -1)
     log_s = torch.log_softmax(student_logp_at_teacher_topk, -1)
-    return -(log_t.exp() * (log_t - log_s)).sum(-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1)
 
 
 def tropd_advantage(teacher_logp, rollout_logp, trusted, outlier, outlier_kind, clip_tau):
-    """Trusted tokens: the OPD advantage; outliers: `outlier` (fkl, given (B, R)), 0 (mask), or the
-    OPD advantage floored at clip_tau (clip). All (B, R)."""
+    """Trusted tokens: the OPD advantage. Outliers: 0 (fkl: the KL is a loss term, see tropd_loss; and mask),
+    -sg(outlier) (fkl-advantage; `outlier` the (B, R) top-K forward KL), or the OPD advantage floored at
+    clip_tau (clip). All (B, R)."""
     adv = opd_advantage(rollout_logp, teacher_logp)
-    alt = {"fkl": outlier, "mask": torch.zeros_like(adv), "clip": adv.clamp(min=clip_tau)}[outlier_kind]
+    alt = {"fkl": torch.zeros_like(adv), "mask": torch.zeros_like(adv), "clip": adv.clamp(min=clip_tau),
+           "fkl-advantage": -outlier.detach() if outlier is not None else None}[outlier_kind]
     return torch.where(trusted.bool(), adv, alt)
 
 
-def tropd_loss(logp, rollout_logp, advantages, policy_mask, prefix_mask, beta, n_tokens=None):
-    """-exp(logp - rollout_logp) * sg(advantages) on the student's own tokens, plus -beta * logp on the
-    teacher's prefix tokens (Eq. 13's last term), summed over both masks' tokens / n_tokens (default:
-    their count, the token mean). All (B, R)."""
+def tropd_loss(logp, rollout_logp, advantages, policy_mask, prefix_mask, beta, n_tokens=None, outlier_kl=None):
+    """Minus Eq. 13, summed over the step's tokens / n_tokens (default: the count of both masks' tokens, the
+    token mean). All (B, R). The student's own tokens: -exp(logp - rollout_logp) * sg(advantages) (importance-
+    sampled REINFORCE of the OPD terms); the outliers (with --outlier fkl): + outlier_kl, the top-K forward KL
+    with gradient, zero off the outlier tokens; the teacher's prefix tokens: -beta * logp (the last term)."""
     ratio = torch.exp(logp - rollout_logp)                                # (B, R)
     n_tokens = (policy_mask + prefix_mask).sum() if n_tokens is None else n_tokens
-    return -((ratio * advantages.detach() * policy_mask).sum() + beta * (logp * prefix_mask).sum()) / n_tokens
+    kl = 0.0 if outlier_kl is None else outlier_kl.sum()
+    return (kl - (ratio * advantages.detach() * policy_mask).sum() - beta * (logp * prefix_mask).sum()) / n_tokens
 
 
 # ----------------------------------------------------------------------------- training
@@ -292,19 +299,19 @@ def main():
         trusted = trust_mask(teacher_logp, rollout_logp, uniform=uniform) * policy_mask
         # per-process share of the step's token count: the gradient all-reduce averages over processes
         n_tokens = all_sum(batch["response_mask"].sum(), d).item() / d.world
-        sums = torch.zeros(2, dtype=torch.float64)  # loss, outlier advantage sum
+        outliers = (1 - trusted) * policy_mask                              # (B, R) the untrusted student tokens
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, outlier advantage sum, outlier KL sum
         for i in range(0, B, args.micro_batch_size):
             part = slice(i, i + args.micro_batch_size)
             mb = select_rows(batch, part)
             student = model(mb["input_ids"], mb["attention_mask"], mb["prompt_width"], gather=teacher_out["topk_ids"][part])
-            outlier = topk_forward_kl(teacher_out["topk_logp"][part], student["gather_logp"]) \
-                if args.outlier == "fkl" else None
-            advantages = tropd_advantage(teacher_logp[part], rollout_logp[part], trusted[part], outlier, args.outlier,
+            kl = topk_forward_kl(teacher_out["topk_logp"][part], student["gather_logp"]) * outliers[part]  # (b, R)
+            advantages = tropd_advantage(teacher_logp[part], rollout_logp[part], trusted[part], kl, args.outlier,
                                          args.clip_tau) * policy_mask[part]
             loss = tropd_loss(student["logp"], rollout_logp[part], advantages, policy_mask[part], prefix_mask[part],
-                              args.prefix_beta, n_tokens)
+                              args.prefix_beta, n_tokens, kl if args.outlier == "fkl" else None)
             loss.backward()
-            sums += torch.tensor([loss.item(), (advantages * (1 - trusted[part]) * policy_mask[part]).sum().item()],
+            sums += torch.tensor([loss.item(), (advantages * outliers[part]).sum().item(), kl.sum().item()],
                                  dtype=torch.float64)
         loss = all_sum(sums[0], d).item() / d.world
         check_finite(loss, step, args.out)
@@ -314,18 +321,20 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         n_seqs = args.prompts_per_step * args.group_size
         stats = all_sum(torch.stack([((rollout_logp - teacher_logp) * policy_mask).sum(), policy_mask.sum(),
-                                     trusted.sum(), sums[1].to(d.device), prefix_mask.sum(),
+                                     trusted.sum(), sums[1].to(d.device), sums[2].to(d.device), prefix_mask.sum(),
                                      torch.tensor(float(sum(map(len, teacher_ids))), device=d.device),
                                      torch.tensor(sum(rewards), device=d.device),
                                      batch["response_mask"][torch.tensor(on_policy, device=d.device)].sum(),
                                      rollout["truncated"][torch.tensor(on_policy, device=d.device)].sum().float()]), d).tolist()
-        rkl, n_policy_tokens, n_trusted, outlier_sum, n_prefix, n_teacher, reward_sum, policy_length, truncated = stats
+        (rkl, n_policy_tokens, n_trusted, outlier_sum, outlier_kl, n_prefix, n_teacher, reward_sum, policy_length,
+         truncated) = stats
         evals = None
         if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
             evals = evaluate_splits(model, tokenizer, args, d)
         log.log(step, {"train/loss": loss, "distill/reverse_kl": rkl / n_policy_tokens,
                        "trust/trusted_fraction": n_trusted / n_policy_tokens,
                        "trust/outlier_advantage": outlier_sum / max(n_policy_tokens - n_trusted, 1),
+                       "trust/outlier_kl": outlier_kl / max(n_policy_tokens - n_trusted, 1),
                        "guide/prefix_fraction": n_prefix / n_teacher,
                        "rollout/reward_mean": reward_sum / n_seqs, "rollout/response_length": policy_length / n_seqs,
                        "rollout/truncated": truncated / n_seqs,

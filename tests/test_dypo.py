@@ -77,7 +77,9 @@ def test_gal_loss_gradient_flows_and_matches_finite_differences():
     assert (logps.grad[[0, 2]] == 0).all()
 
 
-def test_grpo_loss_against_token_loop():
+@pytest.mark.parametrize("agg", ["sum", "mean"])
+def test_grpo_loss_against_token_loop(agg):
+    """Per response the sum (the paper's trajectory scale) or the mean of its tokens' surrogates, then over k."""
     g = torch.Generator().manual_seed(2)
     P, k, R = 2, 3, 5
     logp = -torch.rand(P, k, R, generator=g)
@@ -87,7 +89,7 @@ def test_grpo_loss_against_token_loop():
     mask[1, 2, 1:] = 0
     adv = torch.randn(P, k, generator=g)
     eps = 0.2
-    got, clipfrac = dypo.grpo_loss(logp, old, adv, mask, eps)
+    got, clipfrac = dypo.grpo_loss(logp, old, adv, mask, eps, agg)
     for p in range(P):
         per_response, clipped, n = [], 0, 0
         for i in range(k):
@@ -99,7 +101,7 @@ def test_grpo_loss_against_token_loop():
                     terms.append(-min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a))
                     clipped += a > 0 and rho > 1 + eps or a < 0 and rho < 1 - eps  # what the clip removes
                     n += 1
-            per_response.append(sum(terms) / len(terms))
+            per_response.append(sum(terms) / (len(terms) if agg == "mean" else 1))
         assert got[p].item() == pytest.approx(sum(per_response) / k, rel=1e-5)
         assert clipfrac[p].item() == pytest.approx(clipped / n)
 
@@ -125,13 +127,63 @@ def test_clipfrac_counts_only_the_tokens_whose_gradient_the_clip_removes():
 
 
 def test_grpo_loss_gradient_on_policy_is_advantage_weighted_log_likelihood():
-    """At ratio 1 the clip is inactive: the gradient is -A / |o| per token's log-prob, over k."""
+    """At ratio 1 the clip is inactive: Eq. 12's gradient, -A_i / k on each token's log-prob of response i (no
+    1/|o|); with agg "mean" (the earlier reading) -A_i / (k |o_i|)."""
     logp = (-torch.rand(1, 2, 3)).requires_grad_()
     mask = torch.tensor([[[1., 1., 0.], [1., 1., 1.]]])
     adv = torch.tensor([[0.5, -2.0]])
     dypo.grpo_loss(logp, logp.detach(), adv, mask, 0.2)[0].sum().backward()
-    want = torch.tensor([[[-0.5 / 2, -0.5 / 2, 0.], [2.0 / 3, 2.0 / 3, 2.0 / 3]]]) / 2
-    torch.testing.assert_close(logp.grad, want)
+    torch.testing.assert_close(logp.grad, torch.tensor([[[-0.5, -0.5, 0.], [2.0, 2.0, 2.0]]]) / 2)
+    logp.grad = None
+    dypo.grpo_loss(logp, logp.detach(), adv, mask, 0.2, "mean")[0].sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[[-0.5 / 2, -0.5 / 2, 0.], [2.0 / 3, 2.0 / 3, 2.0 / 3]]]) / 2)
+
+
+def test_dypo_loss_gradient_per_token_on_policy():
+    """Eq. 4 at one on-policy point (rho = 1), per token, derived by hand: with alpha 1 and gamma 0 each token
+    of Mid response i gets -A_i / k (GRPO at the trajectory scale, Eq. 12); with alpha 0 it gets GAL's
+    -+beta / n_pairs * sum over its pairs of sigmoid(-beta d), a weight in (0, 1) (Eq. 14); with only SFT each
+    token of a Hard trace gets -gamma (Eq. 5, a sum over tokens). Hard and Mid are independent terms."""
+    g = torch.Generator().manual_seed(4)
+    rewards = REWARDS[[1, 3]]                                                    # two Mid groups, k = 4
+    M, k, T = 2, 4, 5
+    mask = torch.ones(M, k, T)
+    mask[0, 1, 2:] = 0
+    mask[1, 3, 4:] = 0
+    rollout = -torch.rand(M, k, T, generator=g) * mask
+    ref_seq = -5 * torch.rand(M, k, generator=g)
+    hard_mask = torch.tensor([[1., 1., 1., 0.], [1., 1., 0., 0.]])
+    beta, gamma = 0.7, 1.5
+
+    def grads(alpha, sft_weight):
+        mid, hard = rollout.clone().requires_grad_(), (-torch.rand(2, 4, generator=g)).requires_grad_()
+        loss, _ = dypo.dypo_loss(mid, rollout, mask, ref_seq, rewards, hard, hard_mask, alpha, beta, sft_weight, 0.2)
+        loss.backward()
+        return mid.grad, hard.grad
+
+    mid, hard = grads(1.0, 0.0)
+    for p in range(M):
+        r = rewards[p].tolist()
+        mean, sd = statistics.mean(r), statistics.stdev(r)
+        for i in range(k):
+            torch.testing.assert_close(mid[p, i], -(r[i] - mean) / (sd + 1e-6) / k * mask[p, i])
+    assert (hard == 0).all()
+
+    mid, hard = grads(0.0, 0.0)
+    seq = rollout.sum(-1)
+    for p in range(M):
+        r = rewards[p].tolist()
+        pairs = [(s, f) for s in range(k) for f in range(k) if r[s] == 1 and r[f] == 0]
+        for i in range(k):
+            w = 0.0
+            for s, f in pairs:
+                d = float((seq[p, s] - ref_seq[p, s]) - (seq[p, f] - ref_seq[p, f]))
+                sig = 1 / (1 + math.exp(beta * d))                                # sigmoid(-beta d), in (0, 1)
+                w += -beta * sig if i == s else beta * sig if i == f else 0.0
+            torch.testing.assert_close(mid[p, i], torch.full((T,), w / len(pairs)) * mask[p, i])
+
+    mid, hard = grads(0.5, gamma)
+    torch.testing.assert_close(hard, -gamma * hard_mask)
 
 
 def test_sft_nll_is_the_sequence_nll():

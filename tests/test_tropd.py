@@ -53,22 +53,56 @@ def test_topk_forward_kl_against_naive():
             ps = [math.exp(x) for x in s[i, j].tolist()]
             pt = [x / sum(pt) for x in pt]
             ps = [x / sum(ps) for x in ps]
-            want = -sum(a * math.log(a / b) for a, b in zip(pt, ps))
+            want = sum(a * math.log(a / b) for a, b in zip(pt, ps))
             assert got[i, j].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
-    assert (got <= 0).all()
+    assert (got >= 0).all()
     # renormalisation: a student that matches the teacher up to a constant factor on the K ids has KL 0
     assert tropd.topk_forward_kl(t, t - 1.3).abs().max() < 1e-6
+
+
+def test_outlier_kl_gradient_is_student_minus_teacher_topk_probabilities():
+    """Eq. 13's outlier term is a loss of theta: through the student's top-K log-probs (log_softmax of its
+    logits z, gathered at the teacher's K ids), d KL(p_T || p_S) / d z_v = p_S,v - p_T,v for the K ids (both
+    renormalised over them) and 0 for the rest of the vocabulary. Through tropd_loss, over n tokens, / n."""
+    g = torch.Generator().manual_seed(3)
+    V, K = 12, 5
+    z = torch.randn(2, 3, V, generator=g, requires_grad=True)                # student logits
+    teacher = torch.log_softmax(torch.randn(2, 3, V, generator=g), -1)
+    top = teacher.topk(K, -1)
+    student_topk = torch.log_softmax(z, -1).gather(-1, top.indices)
+    kl = tropd.topk_forward_kl(top.values, student_topk)
+    kl.sum().backward()
+    want = torch.zeros(2, 3, V)
+    for i in range(2):
+        for j in range(3):
+            ids = top.indices[i, j].tolist()
+            es = [math.exp(z[i, j, v].item()) for v in ids]
+            et = [math.exp(teacher[i, j, v].item()) for v in ids]
+            for v, a, b in zip(ids, es, et):
+                want[i, j, v] = a / sum(es) - b / sum(et)
+    torch.testing.assert_close(z.grad, want, rtol=1e-5, atol=1e-6)
+    # in the loss: only the outlier tokens' KL counts, divided by the step's token count
+    z.grad = None
+    outliers = torch.tensor([[1., 0., 1.], [0., 0., 1.]])
+    zeros = torch.zeros(2, 3)
+    logp = torch.log_softmax(z, -1)[..., 0]                                  # any (B, R) log-probs: advantages are 0
+    loss = tropd.tropd_loss(logp, logp.detach(), zeros, torch.ones(2, 3), zeros, 0.0, 6.0,
+                            tropd.topk_forward_kl(top.values, torch.log_softmax(z, -1).gather(-1, top.indices)) * outliers)
+    loss.backward()
+    torch.testing.assert_close(z.grad, want * outliers[..., None] / 6, rtol=1e-5, atol=1e-6)
 
 
 def test_tropd_advantage_outlier_kinds():
     teacher = torch.tensor([[-5.0, -1.0]])
     student = torch.tensor([[-1.0, -2.0]])
     trusted = torch.tensor([[0.0, 1.0]])
-    fkl = torch.tensor([[-0.7, -0.2]])
+    fkl = torch.tensor([[0.7, 0.2]], requires_grad=True)
     opd = teacher - student  # [-4, 1]
     def adv(kind, outlier=fkl, mask=trusted):
         return tropd.tropd_advantage(teacher, student, mask, outlier, kind, -2.0)
-    torch.testing.assert_close(adv("fkl"), torch.tensor([[-0.7, 1.0]]))
+    torch.testing.assert_close(adv("fkl"), torch.tensor([[0.0, 1.0]]))  # the KL goes into the loss instead
+    torch.testing.assert_close(adv("fkl-advantage"), torch.tensor([[-0.7, 1.0]]))
+    assert not adv("fkl-advantage").requires_grad  # the earlier reading: a detached value
     torch.testing.assert_close(adv("mask", None), torch.tensor([[0.0, 1.0]]))
     torch.testing.assert_close(adv("clip", None), torch.tensor([[-2.0, 1.0]]))
     torch.testing.assert_close(adv("fkl", mask=torch.ones(1, 2)), opd)
@@ -127,7 +161,8 @@ def test_smoke(tmp_path):
     assert json.loads(proc.stdout[proc.stdout.index("{"):]) == s
     m = metrics(out)
     assert m[0]["guide/prefix_fraction"] == 1.0 and m[-1]["guide/prefix_fraction"] < 1.0
-    assert all(0 < x["trust/trusted_fraction"] < 1 and x["trust/outlier_advantage"] <= 0 for x in m)
+    assert all(0 < x["trust/trusted_fraction"] < 1 and x["trust/outlier_advantage"] == 0 for x in m)  # fkl: a loss
+    assert all(x["trust/outlier_kl"] > 0 for x in m)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -150,4 +185,4 @@ def test_prompts_without_teacher_responses_use_the_teacher(tmp_path):
 
 
 def test_unknown_outlier_kind(tmp_path):
-    one_line_error(run("tropd.py", "--outlier", "kl", "--out", tmp_path / "r"), "--outlier", "fkl, mask, clip")
+    one_line_error(run("tropd.py", "--outlier", "kl", "--out", tmp_path / "r"), "--outlier", "fkl, fkl-advantage, mask, clip")
