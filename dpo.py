@@ -18,7 +18,8 @@ Implementation details:
      prompt repeated (`concatenated_logps`).
   3. The reference is the initial policy. Its log-probs for every pair this run will use are
      computed by the policy itself before the first update, so no second model is ever loaded.
-  4. Mean over the pairs of the global batch, whatever the micro-batch size and process count.
+  4. Mean over the pairs of the global batch, whatever the micro-batch size and process count. The
+     authors' code also sums each response's log-probs and averages over pairs: no normalisation differs.
   5. Logged: reward accuracy (r_w > r_l), margin r_w - r_l, and the mean chosen and rejected rewards.
   6. Deviation: the default beta is 1.0, not the usual 0.1, tuned on the first tiny world (answers
      of 2-4 tokens), where beta 0.1 let both implicit rewards fall while their margin grew and

@@ -41,6 +41,8 @@ Implementation details:
      batches and seed. Either is a token mean over the optimizer step (minibatch, all its micro-batches
      and processes): each micro-batch's loss divides by the minibatch's token count (over all
      processes) / the process count, so micro-batching and processes do not change the gradient.
+     The authors' verl script differs: loss_agg_mode seq-mean-token-sum-norm, each response's token
+     SUM over a constant length, then the mean over responses (grpo.py's --agg constant, Dr. GRPO).
   6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
      --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
      them; each epoch visits the minibatches in a new random order. One optimizer step each. The

@@ -10,10 +10,12 @@ Objective (the paper's Eq. 4), one loss and one optimizer step:
   L_SFT(q) = -log pi(tau | q), tau drawn uniformly from the m teachers' responses to q   (Eq. 5)
   L_GAL(q) = mean over (success s, failure f) pairs of the group of
              -log sigmoid(beta * ([log pi(s) - log pi_ref(s)] - [log pi(f) - log pi_ref(f)]))  (Eq. 14)
-  L_GRPO(q) = the clipped surrogate with group-normalised advantages (R - mean) / (std + 1e-6)
+  L_GRPO(q) = (1/k) sum_i sum_t -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i), A_i = (R_i - mean) / (std
+             + 1e-6): the clipped surrogate at the trajectory scale, on-policy gradient -(1/k) sum_i A_i grad log
+             pi(tau_i | q) (Eq. 12)
 The file descends from grpo.py (`diff grpo.py dypo.py`): rollout, scores, reference, optimizer step and
 log are grpo.py's; the gate, the teacher traces, GAL and one joint micro-batch loop take the place of
-its minibatch epochs; L_GRPO is grpo.py's loss with --beta 0 and --agg sequence, kept per prompt.
+its minibatch epochs; L_GRPO is grpo.py's loss with --beta 0, kept per prompt, each response's tokens summed.
 
 Run:
   python dypo.py                                       # tiny world, CPU, a few minutes
@@ -27,9 +29,12 @@ Implementation details:
      responses is skipped, counted (`data/hard_without_teacher`) and warned about once.
   2. E_q is the mean over all prompts of the step, Easy ones included (they add 0), so the loss
      does not depend on how the prompts fall into micro-batches or processes.
-  3. L_SFT is the sequence NLL of the trace as Eq. 5 writes it (a sum over its tokens, EOS
-     included). L_GRPO(q) averages each response's tokens, then the k responses (GRPO's own
-     normalisation); the advantage std is the unbiased one (torch.std).
+  3. Scale: all three terms are sums over tokens, as the paper writes them. L_SFT is the trace's
+     sequence NLL (Eq. 5, EOS included); L_GAL compares sequence log-probs (Eq. 14); L_GRPO sums each
+     response's token surrogates, then averages the k responses ("summation-based RL", App. A.1.4;
+     Eq. 12). grpo.py's per-response token MEAN (`--grpo-agg mean`, this file's reading before issue
+     31) would shrink GRPO's gradient by the response length (~23x on the tiny world) against the
+     others. The advantage std is the unbiased one (torch.std).
   4. The ratio of GRPO is taken against the log-probs recorded while sampling, and there is one
      optimizer step per rollout batch, so the update is on-policy and the clip only guards
      against the numerical gap between sampling and training (bf16 on GPU). policy/clipfrac is the
@@ -48,7 +53,9 @@ Implementation details:
      (a) the code takes separate optimizer steps for the SFT and RL parts, not one objective;
      (b) it adds lambda * GAL to a GSPO loss rather than alpha-mixing GAL with GRPO;
      (c) it uses beta 0.1 and no reference model in GAL (here beta 1 and pi_ref, as Eq. 14);
-     (d) one commit computed GAL from detached log-probs, so GAL had no gradient.
+     (d) one commit computed GAL from detached log-probs, so GAL had no gradient;
+     (e) normalisation: its RL term is GSPO's, whose ratio is the length-normalised (geometric mean)
+     token ratio, so each response weighs as a token mean; here L_GRPO is a token sum, as Eq. 12.
   9. Baselines from the same file: `--alpha 1 --sft-weight 0` is plain GRPO (Hard and Easy groups
      have zero GRPO advantage anyway); the README's SFT-then-RL row runs sft.py on the teacher
      traces (world/teacher_sft.jsonl) and then that GRPO, for the same number of steps in total.

@@ -47,7 +47,8 @@ Implementation details:
      valid tokens; "constant" n = responses x --max-new-tokens (Dr. GRPO's generation budget, not
      the rollout's padded width, which changes from step to step). Each micro-batch's loss divides
      by the minibatch's n (over all processes) / the process count, so micro-batching and processes
-     do not change the gradient.
+     do not change the gradient. DeepSeekMath has no public training code; in verl's names "sequence"
+     is seq-mean-token-mean and "token" token-mean.
   8. Logged per rollout step (mean over its updates): clipfrac (the share of tokens whose gradient
      the clip removes: A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 =
      (rho - 1) - log rho), entropy, kl_ref (token mean of k3 to the reference, when --beta > 0);

@@ -29,7 +29,8 @@ Implementation details:
      the later tokens, no baseline, no normalisation. The loss is the token mean of the optimizer
      step (see the objective); opd_loss is the token mean of one micro-batch and the loop weights
      it by that micro-batch's share of the step's tokens, so the loss and its gradient are the same
-     for any micro-batch size and process count.
+     for any micro-batch size and process count. The recipe's Tinker loss (importance_sampling) is a
+     SUM over the batch's tokens: the same direction, a step larger by the token count.
   5. Logged: distill/reverse_kl (the K1 estimate of the per-token reverse KL, the mean of
      log mu - log pi_T over response tokens; train/loss equals it while the ratio is 1),
      rollout/reward_mean (accuracy of the samples), rollout/response_length. The teacher's greedy

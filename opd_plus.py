@@ -34,7 +34,7 @@ Implementation details:
      frozen, bf16 on GPU, not sharded, on the CPU between uses with --offload-teacher; its
      tokenizer must be the student's.
   4. Each token's advantage is its own w_f(u_t) (discount 0), no baseline, no normalisation;
-     token mean over the optimizer step, as in opd.py.
+     token mean over the optimizer step, as in opd.py (the paper does not state its aggregation).
   5. Logged: distill/reverse_kl (K1, as in opd.py, comparable across divergences),
      distill/f_divergence (the token mean of f(u): the estimate of the divergence trained on),
      rollout/reward_mean, rollout/response_length; the teacher's accuracy once, for reference.

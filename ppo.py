@@ -38,7 +38,9 @@ Implementation details:
   6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
      --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
      them; each epoch visits the minibatches in a new random order. One optimizer step each.
-  7. Token mean over the optimizer step (minibatch), over all its micro-batches and processes.
+  7. Token mean over the optimizer step (minibatch), over all its micro-batches and processes, as
+     TRL's PPOTrainer (a masked mean per minibatch); OpenAI's lm-human-preferences code samples
+     fixed-length responses, where the token mean and the per-response mean coincide.
   8. Logged per rollout step (mean over its updates): clipfrac (the share of tokens whose gradient
      the clip removes: A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 =
      (rho - 1) - log rho), entropy, value loss, value clipfrac; per rollout: reward mean, response

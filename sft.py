@@ -16,6 +16,7 @@ Implementation details:
   1. Data: JSONL with `prompt` (string, or chat messages for the tokenizer's chat template) and
      `completion`; an EOS token is appended to each completion and trained on.
   2. Token-mean over the optimizer step (see the objective), AdamW, linear warm-up then constant.
+     TRL's SFTTrainer divides by the step's completion tokens too: no normalisation differs.
   3. A `--model` folder holding only config.json and a tokenizer starts from random weights:
      this is how world/build.py trains the tiny world's models with this same file.
 """

@@ -9,8 +9,8 @@ a cosine schedule to nothing; the student continues on-policy after it. Objectiv
   J = - 1[y~pi_S] (1-M) sum_{v in TopK(pi_T)} p_T,v log(p_T,v / p_S,v)     (outliers, top-K forward KL)
       - 1[y~pi_S] M log(pi_S / pi_T)                                     (trusted: OPD)
       - beta 1[y~pi_T] log(pi_T / pi_S)                                  (teacher prefix tokens)
-maximised with the importance-sampled REINFORCE loss of opd.py for the student's own tokens and the
-direct gradient of the last term for the teacher's prefix tokens.
+maximised with the importance-sampled REINFORCE loss of opd.py for the trusted tokens, and the direct
+gradient of the outlier KL (through the student's top-K log-probs) and of the prefix term.
 
 Run:
   python tropd.py                                     # tiny world (world/teacher_large), CPU, a few minutes
@@ -24,23 +24,28 @@ Implementation details (most of the paper's details come from secondary write-up
      response, the default --teacher). Prompts without one get a response sampled from the teacher
      at the step (temperature 1).
   2. Trust: M_t ~ Bernoulli(min(pi_T(y_t)/mu(y_t), 1)), with mu the student's log-prob recorded while
-     sampling. One uniform per token of the global batch (seeded), so 1 and N processes agree.
-  3. Outliers (`--outlier`): `fkl` (default) advantage = the negative forward KL from the teacher's
-     top-K (K=64, `--top-k`) to the student, both renormalised over those K ids; `mask`: 0; `clip`:
-     max(log(pi_T/pi_S), --clip-tau). On the tiny world (18 tokens) the top-K is the whole vocabulary.
-     The paper's fkl stays the default, though on the tiny world it ends below mask and clip, beyond
-     the 3-seed spread (0.921 against 0.945 and 0.955 ID; the README's TrOPD table says why).
+     sampling. One uniform per token of the global batch (seeded), so 1 and N processes agree. Some
+     write-ups describe a deterministic test (trusted where pi_T >= pi_S); this file keeps the draw.
+  3. Outliers (`--outlier`): `fkl` (default) adds to the loss Eq. 13's forward KL from the teacher's
+     top-K (K=64, `--top-k`) to the student, both renormalised over those K ids, differentiated through
+     the student's K log-probs (it pulls the student toward the tokens the teacher wanted); `mask`:
+     nothing; `clip`: the advantage max(log(pi_T/pi_S), --clip-tau); `fkl-advantage`: minus that KL,
+     detached, as the sampled token's advantage (this file's reading before issue 31, kept to show
+     what it cost: it only pushes the sampled outlier down). On the tiny world (18 tokens) the top-K is
+     the whole vocabulary.
   4. Guidance: each prompt adds one sample whose first floor((1 + cos(pi t / T)) / 2 * L) tokens are
      the teacher response's (L tokens with EOS; t the step counting from 0, T = --guide-steps), so
      step 1 trains on the whole teacher response and guidance is gone after T steps.
-  5. Sign of the prefix term (checked against Eq. 13, as the spec asks): the write-ups give it as an
-     "advantage beta (log pi_S - log pi_T)", but the tokens come from the teacher, not the student,
-     and the gradient of -beta log(pi_T/pi_S) for fixed y ~ pi_T is beta grad log pi_S(y_t). So prefix
-     tokens get the direct loss -beta log pi_S(y_t) (a forward-KL / NLL term), beta = 0.001.
-  6. Token mean over every response token of the optimizer step (on-policy and prefix), as opd.py.
+  5. The prefix term, read from Eq. 13: the write-ups give it as an "advantage beta (log pi_S -
+     log pi_T)", but the tokens come from the teacher, not the student, and the gradient of
+     -beta log(pi_T/pi_S) for fixed y ~ pi_T is beta grad log pi_S(y_t). So prefix tokens get the
+     direct loss -beta log pi_S(y_t) (the sampled forward-KL / NLL term), beta = 0.001, per token.
+  6. Token mean over every response token of the optimizer step (on-policy and prefix): the OPD,
+     outlier-KL and prefix terms share that one denominator, as the write-ups' token-mean aggregation.
   7. The teacher scores each micro-batch in one no-grad forward that also returns its top-K; the
      student's log-probs at those K ids come from its own training forward (no second pass).
-  8. Logged: trust/trusted_fraction, trust/outlier_advantage (mean over outlier tokens),
+  8. Logged: trust/trusted_fraction, trust/outlier_advantage and trust/outlier_kl (means over outlier
+     tokens; the KL is the top-K forward KL whatever --outlier is),
      guide/prefix_fraction (prefix tokens / teacher response tokens), distill/reverse_kl (K1, on the
      student's own tokens), rollout/reward_mean (accuracy of the on-policy samples), as opd.py.
   9. Tiny-world choice: lr 1e-4 and 80 steps as opd.py, for a side-by-side on the same budget (the

@@ -147,6 +147,31 @@ def test_micro_batches_with_the_global_normaliser_add_up(agg):
     assert sum(parts).item() == pytest.approx(whole.item(), rel=1e-12)
 
 
+def test_grpo_loss_gradient_on_policy_per_token():
+    """At rho = 1 the clip is inactive and the gradient on token t of response i is -A_i over the aggregation's
+    denominator: P k |o_i| (sequence, Eq. 3), the batch's valid tokens (token, DAPO), P k T (constant, Dr. GRPO).
+    The k3 term adds beta * (1 - pi_ref / pi_theta) per token, 0 where the policy is the reference."""
+    g = torch.Generator().manual_seed(6)
+    P, k, T = 2, 2, 4
+    mask = torch.ones(P, k, T)
+    mask[0, 0, 1:] = 0
+    mask[1, 1, 3:] = 0
+    lengths = mask.sum(-1, keepdim=True)                                        # (P, k, 1): 1, 4, 4, 3
+    adv = torch.randn(P, k, generator=g)
+    want = {"sequence": -adv[..., None] / (P * k * lengths), "token": -adv[..., None] / mask.sum(),
+            "constant": -adv[..., None] / (P * k * T)}
+    for agg, grad in want.items():
+        logp = (-torch.rand(P, k, T, generator=g)).requires_grad_()
+        grpo.grpo_loss(logp, logp.detach(), None, adv, mask, 0.2, 0.0, agg).backward()
+        torch.testing.assert_close(logp.grad, grad * mask)
+    logp = (-torch.rand(P, k, T, generator=g)).requires_grad_()
+    ref = -torch.rand(P, k, T, generator=g)
+    beta = 0.3
+    grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.2, beta, "token").backward()
+    k3 = beta * (1 - torch.exp(ref - logp.detach())) / mask.sum()
+    torch.testing.assert_close(logp.grad, (want["token"] + k3) * mask)
+
+
 def test_flat_rows_give_the_same_loss():
     """The loop passes (B, T) rows with advantages (B,): the same loss as the (P, k, T) groups."""
     logp, old, ref, adv, mask, _ = _groups(seed=6)

@@ -100,6 +100,18 @@ def test_sft_loss_matches_naive_token_loop():
     assert loss.item() == pytest.approx(total / n_tokens, rel=1e-12)
 
 
+def test_sft_loss_gradient_per_token():
+    """Each valid completion token's log-prob gets -1 / n_tokens (the step's count): the token mean of the
+    NLL; padding gets 0; a micro-batch given the step's count carries its share."""
+    logp = (-torch.rand(2, 4, dtype=torch.float64)).requires_grad_()
+    mask = torch.tensor([[1., 1., 1., 0.], [1., 0., 0., 0.]], dtype=torch.float64)
+    sft.sft_loss(logp, mask).backward()
+    torch.testing.assert_close(logp.grad, -mask / 4)
+    logp.grad = None
+    sft.sft_loss(logp, mask, n_tokens=10).backward()
+    torch.testing.assert_close(logp.grad, -mask / 10)
+
+
 def test_sft_loss_only_counts_masked_tokens():
     logps = (-torch.rand(2, 4, dtype=torch.float64)).requires_grad_()
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.float64)

@@ -113,6 +113,23 @@ def test_f_advantage_matches_naive_reference(divergence):
         assert sg[0, j].item() == pytest.approx(-f(u), rel=1e-12, abs=1e-14)
 
 
+def test_opd_plus_loss_gradient_on_policy_per_token():
+    """On-policy (rho = 1) each valid token's log-prob gets -w_f(u_t) / N in the OPD+ loss, written from the
+    closed forms: rkl log u - 1, fkl u, jsd 1/2 log((1 + u) / 2); with --stop-gradient -f(u) instead."""
+    g = torch.Generator().manual_seed(7)
+    mask = torch.tensor([[1., 1., 1.], [1., 1., 0.]], dtype=torch.float64)
+    log_u = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    u = log_u.exp()
+    closed = {"rkl": log_u - 1, "fkl": u, "jsd": 0.5 * torch.log((1 + u) / 2)}
+    for divergence, w in closed.items():
+        logp = (-torch.rand(2, 3, generator=g, dtype=torch.float64)).requires_grad_()
+        opd_plus.opd_loss(logp, logp.detach(), opd_plus.f_advantage(log_u, divergence), mask).backward()
+        torch.testing.assert_close(logp.grad, -w * mask / 5)
+    logp = (-torch.rand(2, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    opd_plus.opd_loss(logp, logp.detach(), opd_plus.f_advantage(log_u, "fkl", stop_gradient=True), mask).backward()
+    torch.testing.assert_close(logp.grad, u * log_u * mask / 5)  # -(-f(u)) / N with f(u) = u ln u
+
+
 def test_f_advantage_closed_forms():
     log_u = torch.linspace(-6, 6, 25, dtype=torch.float64)[None]
     u = log_u.exp()

@@ -116,6 +116,21 @@ def _naive_value_loss(v, old, ret, lengths, clip):
     return 0.5 * sum(terms) / len(terms)
 
 
+def test_policy_and_value_gradients_on_policy_per_token():
+    """At rho = 1 (on-policy, the first update) the clip is inactive: each valid token's log-prob gets
+    -A_t / N, N the valid tokens (Eq. 7 as a token mean). The value loss at V = V_old gets (V_t - R_t) / N."""
+    g = torch.Generator().manual_seed(5)
+    mask = torch.tensor([[1., 1., 1., 0.], [1., 1., 0., 0.]])
+    logp = (-torch.rand(2, 4, generator=g)).requires_grad_()
+    adv = torch.randn(2, 4, generator=g)
+    ppo.policy_loss(logp, logp.detach(), adv, mask, 0.2).backward()
+    torch.testing.assert_close(logp.grad, -adv * mask / 5)
+    values = torch.randn(2, 4, generator=g).requires_grad_()
+    returns = torch.randn(2, 4, generator=g)
+    ppo.value_loss(values, values.detach(), returns, mask, 0.2).backward()
+    torch.testing.assert_close(values.grad, (values.detach() - returns) * mask / 5)
+
+
 @pytest.mark.parametrize("clip", [0.05, 0.2, 1.0])
 def test_value_loss_matches_naive_reference(clip):
     mask, lengths, rand = _rollout(B=8, T=6, seed=5)
