@@ -165,6 +165,15 @@ def test_smoke(tmp_path):
     assert all(x["trust/outlier_kl"] > 0 for x in m)
 
 
+def test_fkl_as_advantage_is_the_detached_negative_kl(tmp_path):
+    """--outlier fkl-advantage (the earlier reading): each outlier's advantage is minus its top-K forward KL."""
+    out = tmp_path / "run"
+    ok(run("tropd.py", "--steps", 1, "--prompts-per-step", 8, "--micro-batch-size", 40, "--outlier", "fkl-advantage",
+           "--out", out))
+    m = metrics(out)[0]
+    assert m["trust/outlier_advantage"] == pytest.approx(-m["trust/outlier_kl"]) and m["trust/outlier_kl"] > 0
+
+
 def test_two_processes_match_one(tmp_path):
     args = [*SHORT, "--lr", 1e-3]
     ok(run("tropd.py", *args, "--gpus", 1, "--out", tmp_path / "one"))
