@@ -705,9 +705,9 @@ class LogprobModel(nn.Module):
     def forward(self, input_ids, attention_mask, prompt_width, gather=None, topk=0, entropy=False,
                 **generation_kwargs):
         """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width.
-        Optional extras, computed from the same logits chunk by chunk and without gradient; when any
-        is asked for, the return value is a dict with `logp` (B, R) and the extras:
-          gather=ids (B, R, K)  -> `gather_logp` (B, R, K): log pi at the given token ids
+        Optional extras, computed from the same logits chunk by chunk (without gradient, but for
+        gather_logp); when any is asked for, the return value is a dict with `logp` (B, R) and the extras:
+          gather=ids (B, R, K)  -> `gather_logp` (B, R, K): log pi at the given token ids, with gradient
           topk=K                -> `topk_ids`, `topk_logp` (B, R, K): the K most likely tokens
           entropy=True          -> `entropy` (B, R): entropy of pi(. | x, y_<t)
         With prompt_width=None it is the plain HF forward (logits, KV cache) that sample() steps with:
@@ -741,8 +741,8 @@ class LogprobModel(nn.Module):
 
 def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
     """(N, H) hidden states -> {"logp": (N,) log-softmax of the logits softcap(scale * head(h)) at
-    `targets`, in fp32}, plus (when asked for) detached extras: "gather_logp" (N, K) at `gather`,
-    "topk_ids" and "topk_logp" (N, k), "entropy" (N,)."""
+    `targets`, in fp32}, plus (when asked for) "gather_logp" (N, K) at `gather` (with gradient: TrOPD's
+    outlier KL is a loss of it) and the detached extras "topk_ids" and "topk_logp" (N, k), "entropy" (N,)."""
     logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (N, V)
     if scale != 1.0:
         logits = logits * scale
@@ -750,12 +750,12 @@ def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0
         logits = softcap * torch.tanh(logits / softcap)
     lse = logits.logsumexp(-1)                                   # (N,)
     out = {"logp": logits.gather(-1, targets[:, None]).squeeze(-1) - lse}
-    if gather is None and not topk and not entropy:
+    if gather is not None:
+        out["gather_logp"] = logits.gather(-1, gather) - lse[:, None]  # (N, K)
+    if not topk and not entropy:
         return out
     with torch.no_grad():
         logp = logits.detach() - lse.detach()[:, None]          # (N, V)
-        if gather is not None:
-            out["gather_logp"] = logp.gather(-1, gather)
         if topk:
             out["topk_logp"], out["topk_ids"] = logp.topk(topk, -1)
         if entropy:

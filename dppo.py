@@ -312,7 +312,7 @@ def main():
                     if topk:  # D over mu's top-K and the sampled token, with an "other" bucket
                         sampled_ids = b["input_ids"][:, b["prompt_width"]:]
                         divergence = topk_divergence(
-                            with_sampled_token(out["gather_logp"], out["logp"].detach(), b["topk_ids"], sampled_ids),
+                            with_sampled_token(out["gather_logp"].detach(), out["logp"].detach(), b["topk_ids"], sampled_ids),
                             with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind)
                     else:
                         divergence = binary_divergence(out["logp"], rollout_logp[mb], kind)

@@ -119,8 +119,9 @@ def test_chunked_logprobs_gradients_equal_full_logits(model, tok, cpu):
 
 
 def test_logprob_extras_equal_full_logits(model, tok, cpu):
-    """gather / topk / entropy come from the same chunked logits, match a full log_softmax, carry no
-    gradient, and leave the main log-probs (and their gradient) unchanged."""
+    """gather / topk / entropy come from the same chunked logits and match a full log_softmax; topk and
+    entropy carry no gradient, gather_logp carries the full forward's (TrOPD trains its outlier KL through it);
+    the main log-probs (and their gradient) are unchanged."""
     V = model.lm.get_output_embeddings().weight.shape[0]
     model.chunk_bytes = 4 * V * 3
     batch = _mixed_batch(tok, cpu)
@@ -138,8 +139,18 @@ def test_logprob_extras_equal_full_logits(model, tok, cpu):
     torch.testing.assert_close(out["topk_logp"], values, atol=1e-5, rtol=1e-5)
     assert torch.equal(out["topk_ids"], indices)
     torch.testing.assert_close(out["entropy"], -(full.exp() * full).sum(-1), atol=1e-5, rtol=1e-5)
-    for k in ("gather_logp", "topk_logp", "entropy"):
+    for k in ("topk_logp", "entropy"):
         assert not out[k].requires_grad, k
+    out["gather_logp"].sum().backward()
+    chunked = _grads(model)
+    model.zero_grad(set_to_none=True)
+    naive = torch.log_softmax(model.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
+    naive[:, P - 1:-1].gather(-1, gather).sum().backward()
+    for n, g in _grads(model).items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(chunked[n], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    model.zero_grad(set_to_none=True)
+    out = model(ids, mask, P, gather=gather, topk=4, entropy=True)
     plain = model(ids, mask, P)
     torch.testing.assert_close(out["logp"], plain)
     (out["logp"] * batch["response_mask"]).sum().backward()

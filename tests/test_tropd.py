@@ -165,13 +165,20 @@ def test_smoke(tmp_path):
     assert all(x["trust/outlier_kl"] > 0 for x in m)
 
 
-def test_fkl_as_advantage_is_the_detached_negative_kl(tmp_path):
-    """--outlier fkl-advantage (the earlier reading): each outlier's advantage is minus its top-K forward KL."""
-    out = tmp_path / "run"
-    ok(run("tropd.py", "--steps", 1, "--prompts-per-step", 8, "--micro-batch-size", 40, "--outlier", "fkl-advantage",
-           "--out", out))
-    m = metrics(out)[0]
-    assert m["trust/outlier_advantage"] == pytest.approx(-m["trust/outlier_kl"]) and m["trust/outlier_kl"] > 0
+def test_outlier_kinds_end_to_end(tmp_path):
+    """One step each on the same rollout: --outlier fkl-advantage (the earlier reading) gives each outlier minus
+    its top-K forward KL as advantage; --outlier fkl trains the KL itself, so its gradient (and loss) differ from
+    --outlier mask's, which drops the outliers (a KL without gradient through the model would equal mask)."""
+    m = {}
+    for kind in ("fkl", "mask", "fkl-advantage"):
+        ok(run("tropd.py", "--steps", 1, "--prompts-per-step", 8, "--micro-batch-size", 40, "--outlier", kind,
+               "--out", tmp_path / kind))
+        m[kind] = metrics(tmp_path / kind)[0]
+    a = m["fkl-advantage"]
+    assert a["trust/outlier_advantage"] == pytest.approx(-a["trust/outlier_kl"]) and a["trust/outlier_kl"] > 0
+    assert m["fkl"]["trust/outlier_kl"] == pytest.approx(m["mask"]["trust/outlier_kl"])  # the same rollout
+    assert m["fkl"]["train/loss"] > m["mask"]["train/loss"]  # + the outliers' KL / n_tokens
+    assert m["fkl"]["train/grad_norm"] != pytest.approx(m["mask"]["train/grad_norm"], rel=1e-4)
 
 
 def test_two_processes_match_one(tmp_path):
