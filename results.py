@@ -1,7 +1,7 @@
 """Every experiment of the README on the tiny world, over several seeds: tables and figures.
 
 Run:
-  python results.py                        # every experiment, seeds 1-3: 84 runs, about 4 h 15 min on a 2-core CPU
+  python results.py                        # every experiment, seeds 1-3: 90 runs, about 4 h 40 min on a 2-core CPU
   python results.py --only dppo --only tropd
   python results.py --seeds 1 --steps 2    # a smoke test: every command 2 steps long
 

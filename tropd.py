@@ -32,7 +32,9 @@ Implementation details (most of the paper's details come from secondary write-up
      nothing; `clip`: the advantage max(log(pi_T/pi_S), --clip-tau); `fkl-advantage`: minus that KL,
      detached, as the sampled token's advantage (this file's reading before issue 31, kept to show
      what it cost: it only pushes the sampled outlier down). On the tiny world (18 tokens) the top-K is
-     the whole vocabulary.
+     the whole vocabulary. There (README: Results, 3 seeds) fkl ends within the spread of OPD, mask
+     and fkl-advantage, and below clip beyond it: it trains the outliers' KL down at a cost to the
+     student's own tokens.
   4. Guidance: each prompt adds one sample whose first floor((1 + cos(pi t / T)) / 2 * L) tokens are
      the teacher response's (L tokens with EOS; t the step counting from 0, T = --guide-steps), so
      step 1 trains on the whole teacher response and guidance is gone after T steps.
@@ -49,9 +51,9 @@ Implementation details (most of the paper's details come from secondary write-up
      guide/prefix_fraction (prefix tokens / teacher response tokens), distill/reverse_kl (K1, on the
      student's own tokens), rollout/reward_mean (accuracy of the on-policy samples), as opd.py.
   9. Tiny-world choice: lr 1e-4 and 80 steps as opd.py, for a side-by-side on the same budget (the
-     guidance shrinks over all 80: --guide-steps 80; 100 steps took 327 s on 2 cores, the 80 of the
-     default 145 s with evaluations every 20 steps, 0.921 +- 0.010 ID over 3 seeds); the paper uses
-     5e-6 at scale. Compared there against OPD, EOPD and REOPOLD; only OPD is reproduced here.
+     guidance shrinks over all 80: --guide-steps 80; 0.935 +- 0.009 ID over 3 seeds, about 4 minutes
+     a run on one CPU thread); the paper uses 5e-6 at scale. Compared there against OPD, EOPD and
+     REOPOLD; only OPD is reproduced here.
 """
 
 import math
