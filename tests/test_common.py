@@ -520,7 +520,11 @@ out = common.sample(model, SimpleNamespace(pad_token_id=0, eos_token_id=-1), [[1
 assert out["input_ids"].shape[1] == 3 + int(sys.argv[3])
 if d.main:
     print("gathers", len(calls))
-dist.destroy_process_group()  # (left to the interpreter's exit, gloo once aborted it: "terminate called ...")
+# Both processes finish their pending gathers before either tears gloo down: a process that
+# exited with FSDP's async work still held by gloo's threads once aborted ("terminate called ...").
+dist.barrier()
+del model, out
+dist.destroy_process_group()
 '''
 
 
