@@ -25,6 +25,7 @@ import argparse
 import ast
 import dataclasses
 import fcntl
+import importlib.util
 import inspect
 import json
 import math
@@ -137,7 +138,15 @@ def parse_args(cls, argv=None):
         if not in_range(value, spec):
             raise UserError(f"--{name.replace('_', '-')} must be {'in ' * (spec[0] in '[(')}{spec}, got {value}")
     check_paths(args)
+    if getattr(args, "report_to", "none") != "none":
+        need(args.report_to, f"--report-to {args.report_to}")
     return args
+
+
+def need(package, flag, install=None):
+    """Stop, before anything loads, when the optional package a flag asks for is not installed."""
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"{flag} needs {package}, which is not installed: pip install {install or package}")
 
 
 def _existing(value, flag):
@@ -1234,15 +1243,63 @@ def evaluate_splits(model, tokenizer, args, d):
 
 # ----------------------------------------------------------------------------- logging
 
+class Tracker:
+    """--report-to: the lines of metrics.jsonl, the run's arguments and the evaluation responses (a
+    table) sent to wandb, trackio or TensorBoard (<out>/tensorboard), from rank 0. The tracker is
+    imported here only; `run_id` (kept in the training state) makes a --resume continue the same run."""
+
+    def __init__(self, kind, args, run_id, step):
+        self.kind, config, name = kind, dataclasses.asdict(args), f"{Path(args.out).name}-{run_id}"
+        if kind == "wandb":  # (its environment applies: WANDB_PROJECT, WANDB_MODE=offline, ...)
+            import wandb
+            self.lib = wandb
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "post-training"), name=name, id=run_id,
+                                  resume="allow", dir=args.out, config=config)
+        elif kind == "trackio":  # (a local store under TRACKIO_DIR; `trackio show` serves it)
+            import trackio
+            self.lib = self.run = trackio
+            trackio.init(project="post-training", name=name, config=config, resume="allow")
+        else:  # a resumed run drops what the killed one wrote after its state's step
+            from torch.utils.tensorboard import SummaryWriter
+            self.run = SummaryWriter(Path(args.out) / "tensorboard", purge_step=step + 1 if step else None)
+            self.run.add_text("args", _markdown(("argument", "value"), config.items()), step)
+
+    def log(self, step, metrics, completions=()):
+        if self.kind == "tensorboard":
+            for k, v in metrics.items():
+                self.run.add_scalar(k, v, step)
+            if completions:
+                self.run.add_text("eval/completions", _markdown(COMPLETION_COLUMNS, [[c[k] for k in COMPLETION_COLUMNS]
+                                                                                    for c in completions]), step)
+            return
+        if completions:
+            metrics = {**metrics, "eval/completions": self.lib.Table(
+                columns=list(COMPLETION_COLUMNS), data=[[c[k] for k in COMPLETION_COLUMNS] for c in completions])}
+        self.run.log(metrics, step=step)
+
+    def finish(self):
+        (self.run.close if self.kind == "tensorboard" else self.run.finish)()
+
+
+COMPLETION_COLUMNS = ("split", "prompt", "response", "reward")
+
+
+def _markdown(columns, rows):
+    """A markdown table (TensorBoard's text tab shows one)."""
+    lines = [columns, ["---"] * len(columns), *[[str(v).replace("|", "\\|") for v in row] for row in rows]]
+    return "\n".join(" | ".join(line) for line in lines)
+
+
 class Logger:
     """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; the
     evaluations (evaluate_splits() scores) printed, those of a step added to its line, and their first
-    greedy responses to <out>/completions.jsonl."""
+    greedy responses to <out>/completions.jsonl; all of it to the --report-to tracker (Tracker)."""
 
     def __init__(self, out, d, total_steps, args):
         self.d, self.out, self.max_new_tokens, self.eval_every = d, Path(out), args.max_new_tokens, args.eval_every
         self.warned_truncation, self.total, self.bar = False, total_steps, None  # (the bar: start())
         self.completions, self.last_scores = [], None  # lines for completions.jsonl, written from start()
+        self.args, self.tracker, self.to_report = args, None, []  # (--report-to: the tracker opens in start())
         if d.main:
             if not args.resume:  # a resumed run keeps the lines up to its state's step (start())
                 self._write("metrics.jsonl", "")
@@ -1288,6 +1345,9 @@ class Logger:
         if self.d.main and scores is not self.last_scores:  # the summary's may be the last step's, written
             self.last_scores = scores
             self.completions += [json.dumps({"step": step, **c}) + "\n" for c in scores["completions"]]
+            accuracies = {"eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
+            self.to_report.append((step, {} if when.startswith("step") else accuracies, scores["completions"]))
+            self._report()
             if self.bar is not None:
                 self._write("completions.jsonl", "".join(self.completions), mode="a")
                 self.completions = []
@@ -1303,12 +1363,19 @@ class Logger:
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         self.warn_truncation(metrics.get("rollout/truncated", 0.0), f"the sampled responses of step {step}")
         self._write("metrics.jsonl", json.dumps({"step": step, **metrics}) + "\n", mode="a")
+        self.to_report.append((step, metrics, ()))
+        self._report()
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
                                  if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")},
                                 refresh=False)
         self.bar.update(1)
 
-    def start(self, step):
+    def _report(self):
+        """Send what waits for the tracker, once it is open (start())."""
+        while self.tracker and self.to_report:
+            self.tracker.log(*self.to_report.pop(0))
+
+    def start(self, step, values):
         """Start the progress bar at the loop's first step, after `step` (0, or the step a resumed run
         continues after: metrics.jsonl and completions.jsonl keep their lines up to it and drop the
         later ones, which a killed run may have logged after its last state, and the responses of a
@@ -1330,12 +1397,19 @@ class Logger:
             self._write("completions.jsonl", "".join(self.completions), mode="a")
             self.completions = []
         self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
+        if self.d.main and self.args.report_to != "none":  # its run id in `values`, the training state's
+            run_id = values.setdefault("tracker_run", f"{random.SystemRandom().getrandbits(32):08x}")
+            self.tracker = Tracker(self.args.report_to, self.args, run_id, step)
+            self.to_report = [] if step else self.to_report  # (a resumed run reported the evaluation before)
+            self._report()
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write <out>/summary.json (the fields, and the
         evaluate_splits() scores as accuracy_before, ..., ood_truncated_after) and print it."""
         self.evaluation("after training", after, self.total)
         self.bar.close()
+        if self.tracker:
+            self.tracker.finish()
         fields.update({f"{k}_{when}": s[k] for when, s in (("before", before), ("after", after))
                        for k in s if k != "completions"})
         if self.d.main:
@@ -1358,7 +1432,7 @@ def check_finite(loss, step, out):
 # depend on --steps), the run folder, and settings of memory, not maths. The process count is compared
 # on its own (--gpus 2 and torchrun with 2 processes are the same command).
 RESUME_MAY_DIFFER = ("steps", "save_every", "eval_every", "resume", "out", "gpus", "gradient_checkpointing",
-                     "offload_teacher", "generation_batch_size")
+                     "offload_teacher", "generation_batch_size", "report_to")
 
 
 class Checkpointer:
@@ -1511,7 +1585,7 @@ class Checkpointer:
         keep metrics.jsonl up to its step, and return that step; 0 in a fresh run. Called just before
         the loop, after anything that needs the initial weights (DPO's reference log-probs)."""
         if self.state is None:
-            log.start(0)
+            log.start(0, self.values)
             return 0
         from torch.distributed.checkpoint import HuggingFaceStorageReader, load
         from torch.distributed.checkpoint.api import CheckpointException
@@ -1542,7 +1616,7 @@ class Checkpointer:
             else:
                 v.copy_(saved["carried"][k])
         log.print(f"resumed from {folder} after step {step}")
-        log.start(step)
+        log.start(step, self.values)
         return step
 
     def sigterm(self):

@@ -142,6 +142,9 @@ class Args:
     (0: the model at the end only)"""
     eval_every: int = 0
     """also score greedy ID and OOD accuracy every this many steps, into metrics.jsonl (0: only before and after)"""
+    report_to: Literal["none", "wandb", "trackio", "tensorboard"] = "none"
+    """also send the metrics, the arguments and the evaluation responses to this tracker, from rank 0
+    (README: tracking)"""
     resume: bool = False
     """continue from the last training state in --out, to the weights of an uninterrupted run
     (README: long runs)"""
