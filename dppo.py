@@ -74,11 +74,11 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, UserError, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
+from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
                     load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice,
-                    read_jsonl, reward, run, sample, save_checkpoint, seed_everything, select_rows, shard_model,
-                    warmup_schedule)
+                    read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint, seed_everything, select_rows,
+                    shard_model, warmup_schedule)
 
 
 @dataclass
@@ -111,6 +111,11 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
+    vllm: bool = False
+    """sample the rollouts with a vLLM engine in this process and on its GPU, the policy's weights pushed into
+    it before each rollout (README: vLLM)"""
+    vllm_memory: float = 0.3
+    """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
     max_new_tokens: int = 48
     """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
@@ -270,6 +275,7 @@ def main():
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    engine = VLLM(args, d) if args.vllm else None  # --vllm: the rollouts' sampler
     kind = args.divergence.split("_")[1]  # the divergence: "tv" or "kl", its threshold delta, mu's top-K recorded
     delta = args.delta or {"tv": 0.15, "kl": 0.05}[kind]
     topk = min(args.top_k, model.lm.config.vocab_size) if args.divergence.startswith("topk") else 0
@@ -290,7 +296,7 @@ def main():
         with rounded_weights(model, torch.bfloat16) if args.rollout_precision == "bf16" else nullcontext():
             rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
                              args.max_new_tokens, args.temperature, topk=topk,
-                             micro_batch_size=args.generation_batch_size)
+                             micro_batch_size=args.generation_batch_size, engine=engine)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
@@ -359,7 +365,8 @@ def main():
                        "rollout/response_length": rollout_tokens / n_responses,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)

@@ -72,11 +72,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Checkpointer, Logger, WORLD, add_lora, all_sum, batches, check_divisible, check_finite, clip_grad,
-                    decode_responses, evaluate_splits, fit_context, init_distributed, load_model, load_reference,
-                    load_tokenizer, logprobs, micro_batches, pad_batch, parse_args, peak_mem_gb, prompt_ids,
-                    rank_slice, read_jsonl, response_ids, reward, run, sample, save_checkpoint, seed_everything,
-                    select_rows, shard_model, warmup_schedule)
+from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
+                    clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed, load_model,
+                    load_reference, load_tokenizer, logprobs, micro_batches, pad_batch, parse_args, peak_mem_gb,
+                    prompt_ids, rank_slice, read_jsonl, response_ids, reward, rollout_mismatch, run, sample,
+                    save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -104,6 +104,11 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
+    vllm: bool = False
+    """sample the rollouts with a vLLM engine in this process and on its GPU, the policy's weights pushed into
+    it before each rollout (README: vLLM)"""
+    vllm_memory: float = 0.3
+    """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
     max_new_tokens: int = 48
     """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
@@ -245,6 +250,7 @@ def main():
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
                        args, cut=("teacher_responses",))
     model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    engine = VLLM(args, d) if args.vllm else None  # --vllm: the rollouts' sampler
     reference = load_reference(args, d, model)  # pi_ref of GAL
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
@@ -265,7 +271,8 @@ def main():
         # rollout: k responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size)
+                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size,
+                         engine=engine)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
@@ -334,7 +341,8 @@ def main():
                        "rollout/response_length": rollout_tokens / n_responses,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)

@@ -71,17 +71,17 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, UserError, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
-                    clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed, load_model,
-                    load_reference, load_tokenizer, logprobs, micro_batches, parse_args, peak_mem_gb, prompt_ids,
-                    rank_slice, read_jsonl, reward, run, sample, save_checkpoint, seed_everything, select_rows,
-                    shard_model, warmup_schedule)
+from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
+                    check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
+                    load_model, load_reference, load_tokenizer, logprobs, micro_batches, parse_args, peak_mem_gb,
+                    prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
+                    seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
 class Args:
     # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
-    ranges = {"group_size": ">= 2", "clip_eps": ">= 0", "beta": ">= 0"}
+    ranges = {"group_size": ">= 2", "clip_eps": ">= 0", "beta": ">= 0", "tis_cap": ">= 0"}
     model: str = str(WORLD / "student")
     """causal LM to train (also the reference): a folder or a hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -107,6 +107,14 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
+    vllm: bool = False
+    """sample the rollouts with a vLLM engine in this process and on its GPU, the policy's weights pushed into
+    it before each rollout (README: vLLM)"""
+    vllm_memory: float = 0.3
+    """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
+    tis_cap: float = 0.0
+    """with --vllm, truncated importance sampling: the ratio's denominator is the learner's own log-prob of the
+    rollout (pi_old), and each token's loss is weighted by min(pi_old / mu, this cap), mu the engine's (0: off)"""
     max_new_tokens: int = 48
     """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
@@ -174,11 +182,12 @@ def kl_k3(logp, ref_logp):
     return log_ratio.exp() - log_ratio - 1
 
 
-def grpo_loss(logp, rollout_logp, ref_logp, advantages, mask, clip_eps, beta, agg, n=None):
+def grpo_loss(logp, rollout_logp, ref_logp, advantages, mask, clip_eps, beta, agg, n=None, weight=None):
     """The GRPO loss (Eq. 3). logp, rollout_logp, ref_logp, mask: (P, k, T), mask 1 on valid tokens;
     advantages (P, k). (Any leading shape works: the loop passes (B, T) rows with advantages (B,).)
     Per token: -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta * k3(logp, ref_logp), rho = exp(logp -
-    rollout_logp); ref_logp may be None when beta is 0. Aggregated by `agg` (sum / n):
+    rollout_logp); ref_logp may be None when beta is 0; `weight` (like mask; --tis-cap) multiplies each token's
+    loss. Aggregated by `agg` (sum / n):
       "sequence"  each response's token mean, summed over responses / n (default P k: the mean over responses)
       "token"     sum over valid tokens / n (default their count: the token mean)
       "constant"  sum over valid tokens / n (default P k T)
@@ -188,7 +197,7 @@ def grpo_loss(logp, rollout_logp, ref_logp, advantages, mask, clip_eps, beta, ag
     losses = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
     if beta:
         losses = losses + beta * kl_k3(logp * mask, ref_logp * mask)
-    losses = losses * mask
+    losses = losses * mask * (1 if weight is None else weight)
     if agg == "sequence":
         return (losses.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / (mask[..., 0].numel() if n is None else n)
     return losses.sum() / ((mask.sum() if agg == "token" else mask.numel()) if n is None else n)
@@ -198,6 +207,8 @@ def grpo_loss(logp, rollout_logp, ref_logp, advantages, mask, clip_eps, beta, ag
 
 def main():
     args = parse_args(Args)
+    if args.tis_cap and not args.vllm:
+        raise UserError("--tis-cap corrects the mismatch of --vllm's sampler; without --vllm there is none")
     d = init_distributed(args.gpus)
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
     responses = args.prompts_per_step // d.world * args.group_size  # per process
@@ -210,6 +221,7 @@ def main():
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    engine = VLLM(args, d) if args.vllm else None  # --vllm: the rollouts' sampler
     reference = load_reference(args, d, model) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
@@ -226,10 +238,15 @@ def main():
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size)
+                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size,
+                         engine=engine)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
+        tis = None
+        if args.tis_cap:  # truncated importance sampling: min(pi_old / mu, C) per token, rho against pi_old
+            tis = ((rollout["policy_logp"] - rollout_logp).exp().clamp(max=args.tis_cap) * mask)       # (B, T)
+            rollout_logp = rollout["policy_logp"]
         ref_logp = None
         if reference is not None:  # --beta > 0
             with torch.no_grad():
@@ -254,7 +271,8 @@ def main():
                     out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True)
                     m, adv = b["response_mask"], advantages[mb]
                     ref = None if ref_logp is None else ref_logp[mb]
-                    pg = grpo_loss(out["logp"], rollout_logp[mb], ref, adv, m, args.clip_eps, args.beta, args.agg, n)
+                    pg = grpo_loss(out["logp"], rollout_logp[mb], ref, adv, m, args.clip_eps, args.beta, args.agg, n,
+                                   None if tis is None else tis[mb])
                     pg.backward()
                     with torch.no_grad():
                         log_ratio = (out["logp"] - rollout_logp[mb]) * m
@@ -287,7 +305,8 @@ def main():
                        "rollout/response_length": rollout_tokens / n_responses,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_responses,
                        "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)

@@ -59,11 +59,11 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
+from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
                     check_same_tokenizer, clip_grad, decode_responses, evaluate, evaluate_splits, fit_context,
                     free_memory, init_distributed, load_model, load_tokenizer, logprobs, parse_args, peak_mem_gb,
-                    prompt_ids, rank_slice, read_jsonl, reward, run, sample, save_checkpoint, seed_everything,
-                    select_rows, shard_model, warmup_schedule)
+                    prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
+                    seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -93,6 +93,11 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
+    vllm: bool = False
+    """sample the rollouts with a vLLM engine in this process and on its GPU, the policy's weights pushed into
+    it before each rollout (README: vLLM)"""
+    vllm_memory: float = 0.3
+    """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
     max_new_tokens: int = 48
     """longest sampled response (and at evaluation)"""
     max_prompt_length: int = 0
@@ -193,6 +198,7 @@ def main():
     check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    engine = VLLM(args, d) if args.vllm else None  # --vllm: the rollouts' sampler
     teacher = load_model(args.teacher, d, trainable=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
@@ -213,7 +219,7 @@ def main():
     for step, indices in enumerate(plan[start_step:], start_step + 1):
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d, args.max_new_tokens,
-                         micro_batch_size=args.generation_batch_size)
+                         micro_batch_size=args.generation_batch_size, engine=engine)
         rewards = [reward(text, r["answer"]) for text, r in zip(decode_responses(tokenizer, rollout), mine)]
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]  # (B, R) each
         teacher_logp = teacher_logprobs(teacher, rollout, args.micro_batch_size, d, args.offload_teacher)
@@ -247,7 +253,8 @@ def main():
                        "rollout/response_length": n_tokens * d.world / n_seqs,
                        "rollout/truncated": all_sum(rollout["truncated"].sum(), d).item() / n_seqs,
                        "train/grad_norm": grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)

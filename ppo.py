@@ -61,11 +61,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common import (Checkpointer, Logger, UserError, WORLD, add_lora, all_sum, autocast, batches, check_divisible,
+from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_sum, autocast, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
                     load_model, load_reference, load_tokenizer, logprobs, micro_batches, parse_args, peak_mem_gb,
-                    prompt_ids, rank_slice, read_jsonl, reward, run, sample, save_checkpoint, seed_everything,
-                    select_rows, shard_model, warmup_schedule)
+                    prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
+                    seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -98,6 +98,11 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
+    vllm: bool = False
+    """sample the rollouts with a vLLM engine in this process and on its GPU, the policy's weights pushed into
+    it before each rollout (README: vLLM)"""
+    vllm_memory: float = 0.3
+    """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
     max_new_tokens: int = 48
     """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
@@ -250,6 +255,7 @@ def main():
     tokenizer = load_tokenizer(args.model)
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer")), tokenizer, args)
     model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    engine = VLLM(args, d) if args.vllm else None  # --vllm: the rollouts' sampler
     critic = shard_model(add_lora(Critic(load_model(args.model, d).lm.get_decoder()), args), d,
                          args.gradient_checkpointing)
     reference = load_reference(args, d, model)
@@ -270,7 +276,8 @@ def main():
         # rollout: G responses per prompt (adjacent rows), scored; mu's log-probs recorded while sampling
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size)
+                         args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size,
+                         engine=engine)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
@@ -334,7 +341,8 @@ def main():
                        "rollout/kl_ref": all_sum(((rollout_logp - ref_logp) * mask).sum(), d).item()
                        / rollout_tokens,
                        "train/grad_norm": grad_norm, "critic/grad_norm": critic_grad_norm,
-                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)

@@ -63,11 +63,11 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, WORLD, add_lora, all_max, all_sum, batches, check_divisible, check_finite,
-                    check_same_tokenizer, clip_grad, decode_responses, evaluate, evaluate_splits, fit_context,
-                    free_memory, init_distributed, load_model, load_tokenizer, pad_batch, parse_args, peak_mem_gb,
-                    prompt_ids, rank_slice, read_jsonl, response_ids, reward, run, sample, save_checkpoint,
-                    seed_everything, select_rows, shard_model, warmup_schedule)
+from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
+                    check_finite, check_same_tokenizer, clip_grad, decode_responses, evaluate, evaluate_splits,
+                    fit_context, free_memory, init_distributed, load_model, load_tokenizer, pad_batch, parse_args,
+                    peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, reward, rollout_mismatch, run,
+                    sample, save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -98,6 +98,11 @@ class Args:
     generation_batch_size: int = 0
     """sequences one generation call holds on one process, a bound on the KV cache (0: the whole rollout at
     once); the responses are the same"""
+    vllm: bool = False
+    """sample the rollouts with a vLLM engine in this process and on its GPU, the policy's weights pushed into
+    it before each rollout (README: vLLM)"""
+    vllm_memory: float = 0.3
+    """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
     max_new_tokens: int = 48
     """longest sampled response (and at evaluation)"""
     max_prompt_length: int = 0
@@ -253,6 +258,7 @@ def main():
     rows = fit_context(read_jsonl(args.data, ("prompt", "answer"), optional=("teacher_responses",)), tokenizer,
                        args, cut=("teacher_responses",), reserve=args.max_new_tokens + 1)
     model = shard_model(add_lora(load_model(args.model, d), args), d, args.gradient_checkpointing)
+    engine = VLLM(args, d) if args.vllm else None  # --vllm: the rollouts' sampler
     teacher = load_model(args.teacher, d, trainable=False)
     top_k = min(args.top_k, model.lm.get_output_embeddings().weight.shape[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -292,7 +298,7 @@ def main():
         row_prefixes = [prefix if i == G - 1 else [] for prefix in prefixes for i in range(G)]
         on_policy = [i % G < G - 1 for i in range(len(row_prompts))]
         rollout = sample(model, tokenizer, [p + prefix for p, prefix in zip(row_prompts, row_prefixes)], d,
-                         args.max_new_tokens, micro_batch_size=args.generation_batch_size)
+                         args.max_new_tokens, micro_batch_size=args.generation_batch_size, engine=engine)
         rewards = [reward(text, mine[i // G]["answer"])
                    for i, text in enumerate(decode_responses(tokenizer, rollout)) if on_policy[i]]
         train_responses, train_logps, prefix_lens = guided_rows(rollout, row_prefixes, tokenizer.eos_token_id)
@@ -349,7 +355,8 @@ def main():
                        "rollout/reward_mean": reward_sum / n_seqs, "rollout/response_length": policy_length / n_seqs,
                        "rollout/truncated": truncated / n_seqs,
                        "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+                       "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)
