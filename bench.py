@@ -83,6 +83,7 @@ measure); on GPU, --model.
 """
 
 import contextlib
+import importlib.util
 import os
 import platform
 import queue
@@ -91,6 +92,7 @@ import statistics
 import tempfile
 import time
 import traceback
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -680,10 +682,26 @@ def generation_rate(rank, world, port, device, folder, work, per_token_gather, r
         with common.autocast(d.device):
             row["generate"] = rate(lambda: model.lm.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                                              max_new_tokens=R, min_new_tokens=R, pad_token_id=0))
+        if importlib.util.find_spec("vllm"):  # the engine --vllm samples with, on the same cores (README: vLLM)
+            row["vllm"] = vllm_rate(folder, d, prompts, R, rate)
     if d.main:
         results.put(row)
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def vllm_rate(folder, d, prompts, R, rate):
+    """vLLM's tok/s on the same work (EOS ignored), in this process: on CPU bound to one core, as sample()."""
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
+    if d.device.type == "cpu":
+        os.environ.update(VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from vllm import LLM, SamplingParams
+        llm = LLM(model=str(folder), skip_tokenizer_init=True, gpu_memory_utilization=0.3, seed=0,
+                  dtype="bfloat16" if d.device.type == "cuda" else "float32")
+    params = SamplingParams(max_tokens=R, ignore_eos=True, logprobs=0, detokenize=False)
+    return rate(lambda: llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
 
 
 def generation_table(counts, device, folder, work):
@@ -711,7 +729,7 @@ def generation_table(counts, device, folder, work):
                 p.join()
             row.update({"per token": out["sample"]} if per_token else out)
         lines.append([str(world), f"{row['sample']:.0f}", f"{row['sample'] / world:.0f}",
-                      fmt(row.get("per token"), ".0f"), fmt(row.get("generate"), ".0f")])
+                      fmt(row.get("per token"), ".0f"), fmt(row.get("generate"), ".0f"), fmt(row.get("vllm"), ".0f")])
         print(f"# generation on {world} process(es) done", flush=True)
     return lines
 
@@ -849,7 +867,7 @@ def main():
                   f"new) tokens{'' if gpu else ', one thread per process'}; tok/s = new tokens of all processes / "
                   f"wall time", flush=True)
             print(table(["processes", "sample() tok/s", "per process", "gather per token tok/s",
-                         "model.generate tok/s"], generation_table(gen_counts, args.device, gen_folder, work)))
+                         "model.generate tok/s", "vLLM tok/s"], generation_table(gen_counts, args.device, gen_folder, work)))
 
 
 if __name__ == "__main__":
