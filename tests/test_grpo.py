@@ -63,8 +63,8 @@ def _groups(P=3, k=4, T=6, seed=0):
     return logp, rollout_logp, ref_logp, rand(P, k), mask, lengths
 
 
-def _naive_loss(logp, rollout_logp, ref_logp, adv, lengths, T, eps, beta, agg):
-    """Token by token in plain Python: -min(rho A, clip(rho) A) + beta k3; then the aggregation."""
+def _naive_loss(logp, rollout_logp, ref_logp, adv, lengths, T, eps, beta, agg, weight=None):
+    """Token by token in plain Python: (-min(rho A, clip(rho) A) + beta k3) * weight; then the aggregation."""
     per_response, every_token = [], []
     for p, row in enumerate(lengths):
         for i, n in enumerate(row):
@@ -76,7 +76,7 @@ def _naive_loss(logp, rollout_logp, ref_logp, adv, lengths, T, eps, beta, agg):
                 if beta:
                     x = math.exp(ref_logp[p][i][t]) / math.exp(lp)  # pi_ref / pi_theta
                     term += beta * (x - math.log(x) - 1)
-                terms.append(term)
+                terms.append(term * (1 if weight is None else weight[p][i][t]))
             per_response.append(sum(terms) / n)
             every_token += terms
     if agg == "sequence":
@@ -100,6 +100,20 @@ def test_grpo_loss_matches_naive_reference(agg, beta):
     want = _naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), lengths, mask.shape[-1], eps, beta,
                        agg)
     assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_truncated_importance_weights_scale_each_token(agg):
+    """--tis-cap: grpo_loss's `weight` (min(pi_old / mu, C)) multiplies each token's loss, KL term included."""
+    logp, old, ref, adv, mask, lengths = _groups(seed=3)
+    mu = old + 0.6 * torch.randn(old.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    weight = (old - mu).exp().clamp(max=2.0) * mask
+    assert (weight[mask.bool()] == 2.0).any() and (weight[mask.bool()] < 1).any()
+    got = grpo.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.04, agg, weight=weight)
+    want = _naive_loss(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), lengths, mask.shape[-1], 0.2, 0.04,
+                       agg, weight.tolist())
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert got.item() != pytest.approx(grpo.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.04, agg).item(), rel=1e-3)
 
 
 def test_aggregations_differ():

@@ -118,3 +118,8 @@ def test_vllm_missing_is_one_line(tmp_path):
     proc = run("grpo.py", "--vllm", "--steps", 1, "--out", tmp_path / "run", env={"PYTHONPATH": str(hidden)})
     one_line_error(proc, "--vllm needs vllm", "pip install vllm")
     assert not json.dumps(os.listdir(tmp_path / "run")).count("model")
+
+
+def test_tis_cap_needs_vllm(tmp_path):
+    proc = run("grpo.py", "--tis-cap", 2, "--steps", 1, "--out", tmp_path / "run")
+    one_line_error(proc, "--tis-cap", "without --vllm")
