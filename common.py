@@ -71,10 +71,8 @@ def _field_docs(cls):
     return docs
 
 
-# The allowed values of the numeric flags every script shares (the plumbing). Each Args class
-# declares its own method's flags, and overrides an entry where its meaning differs, in a class
-# attribute `ranges` (e.g. group_size >= 2 where a group's responses are compared). Every value must
-# also be finite (argparse's float() accepts "nan" and "inf").
+# The allowed values of the numeric flags every script shares; an Args class adds its own, or overrides
+# one, in a class attribute `ranges`. Every value must also be finite (float() accepts "nan" and "inf").
 RANGES = {
     "steps": ">= 1", "epochs": ">= 1", "minibatches": ">= 1", "warmup_steps": ">= 0", "save_every": ">= 0",
     "eval_every": ">= 0", "batch_size": ">= 1", "micro_batch_size": ">= 1", "generation_batch_size": ">= 0",
@@ -128,15 +126,13 @@ def parse_args(cls, argv=None):
                                 help=docs.get(f.name, "") + extra)
     args = cls(**vars(parser.parse_args(argv)))
     for f in dataclasses.fields(cls):
-        flag, value = "--" + f.name.replace("_", "-"), getattr(args, f.name)
+        flag, value, spec = "--" + f.name.replace("_", "-"), getattr(args, f.name), allowed.get(f.name)
         if type(value) is not type(f.default):  # argparse turns `--steps=--` into []
             raise UserError(f"{flag} needs a value, got {value!r}")
         if f.name in choices and value not in choices[f.name]:
             raise UserError(f"{flag} must be one of {', '.join(choices[f.name])}, not '{value}'")
-    for name, spec in allowed.items():
-        value = getattr(args, name)
-        if not in_range(value, spec):
-            raise UserError(f"--{name.replace('_', '-')} must be {'in ' * (spec[0] in '[(')}{spec}, got {value}")
+        if spec and not in_range(value, spec):
+            raise UserError(f"{flag} must be {'in ' * (spec[0] in '[(')}{spec}, got {value}")
     check_paths(args)
     if getattr(args, "report_to", "none") != "none":
         need(args.report_to, f"--report-to {args.report_to}")
@@ -153,34 +149,38 @@ def need(package, flag, install=None):
 
 def _existing(value, flag):
     """(Path, whether it exists); a name the system cannot use (too long, ...) is the user's error."""
-    path = Path(value)
     try:
-        path.stat()
-        return path, True
-    except (FileNotFoundError, NotADirectoryError):
-        return path, False
+        return Path(value), Path(value).exists()
     except (OSError, ValueError) as e:
         raise UserError(f"--{flag} '{value}' is not a usable path ({e})") from None
 
 
+def _open_data(path):
+    """open(path, "rb") for a JSONL file; what stops it (no such file, a folder, no permission) in one line."""
+    try:
+        return open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError):
+        why = "does not exist"
+    except IsADirectoryError:
+        why = "is a folder, not a JSONL file"
+    except PermissionError:
+        why = "cannot be read (permission denied)"
+    except (OSError, ValueError) as e:
+        why = f"is not a usable path ({e})"
+    raise UserError(f"data file '{path}' {why}")
+
+
 def check_paths(args):
-    """The paths an Args names, by field name, checked before any model is loaded (and before
-    anything is written): the JSONL files exist and are readable, and the test splits are read
-    (so a bad record stops the run here, not after training); --model and --teacher are not
-    files, and a --teacher folder holds weights; --out is a folder or can be created."""
+    """The paths an Args names, by field name, checked before any model loads or anything is written:
+    the JSONL files can be read, and the test splits are (a bad record stops the run here, not after
+    training); --model and --teacher are not files, and a --teacher folder holds weights; --out is a
+    folder or can be created, and no other run holds it."""
     names = {f.name for f in dataclasses.fields(args)}
-    for name in ("data", "eval_data", "ood_data"):
+    if "data" in names:
+        _open_data(args.data).close()
+    for name in ("eval_data", "ood_data"):
         if name in names:
-            flag = name.replace("_", "-")
-            path, exists = _existing(getattr(args, name), flag)
-            if not exists:
-                raise UserError(f"data file '{path}' (--{flag}) does not exist")
-            if not path.is_file():
-                raise UserError(f"--{flag} '{path}' is a folder, not a JSONL file")
-            if not os.access(path, os.R_OK):
-                raise UserError(f"--{flag} '{path}' cannot be read (permission denied)")
-            if name != "data":
-                read_jsonl(path, EVAL_FIELDS)
+            read_jsonl(getattr(args, name), EVAL_FIELDS)
     for name in ("model", "teacher"):
         if name in names:
             path, exists = _existing(getattr(args, name), name)
@@ -201,45 +201,33 @@ def check_paths(args):
         if not os.access(out, os.W_OK | os.X_OK):
             raise UserError(f"--out '{out}' cannot be written: no write permission")
         if int(os.environ.get("RANK", 0)) == 0:  # (the other processes of a run come after its first holds it)
-            other = _locked_by(out / LOCK)
-            if other:
-                raise UserError(f"--out '{out}' is in use by another run ({other}); let it end, or give another --out")
+            lock_out(out, check_only=True)
 
 
 LOCK = ".lock"  # in --out: held (flock) by the run writing there, until its process ends, however it ends
 _held = {}      # the locks this process holds, by path
 
 
-def _locked_by(path):
-    """Who holds the lock file `path` ('process <pid> on <host>'), or None when no live process does."""
-    if Path(path).resolve() in _held:
-        return None
-    try:
-        with open(path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return None
-            except BlockingIOError:
-                return f.read().strip() or "a process"
-    except OSError:
-        return None
-
-
-def lock_out(out):
-    """Take the run folder's lock (a second run on it then stops at start-up), held until run() returns
-    or the process ends, however it ends (so a dead run's folder is not blocked)."""
+def lock_out(out, check_only=False):
+    """Take the run folder's lock, held until run() returns or the process ends, however it ends: a second
+    run on the folder stops at start-up, a dead run's does not block it. check_only: only stop if another
+    process holds it."""
     path = (Path(out) / LOCK).resolve()
-    if path not in _held:
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise UserError(f"--out '{out}' is in use by another run ({f.read().strip() or 'a process'})") from None
-        f.truncate(0)
-        f.write(f"process {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        _held[path] = f
+    if path in _held or check_only and not path.exists():
+        return
+    f = open(path, "r" if check_only else "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UserError(f"--out '{out}' is in use by another run ({f.read().strip() or 'a process'}); let it end, "
+                        f"or give another --out") from None
+    if check_only:
+        return f.close()
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    _held[path] = f
 
 
 # ----------------------------------------------------------------------------- errors
@@ -300,10 +288,9 @@ class Dist:
 
 
 def init_distributed(gpus):
-    """Set up this process. Under torchrun (RANK/WORLD_SIZE in the environment) join the group;
-    with --gpus N > 1 and no such environment, re-launch this same command as N processes with
-    torchrun's variables and exit with their status (so both paths run identical code).
-    One process per GPU with NCCL; on a machine without CUDA, N CPU processes with gloo."""
+    """Set up this process: under torchrun (RANK in the environment) join the group; with --gpus N > 1,
+    re-launch this command as N processes with torchrun's variables and exit with their status (so both
+    paths run the same code). One process per GPU with NCCL; without CUDA, CPU processes with gloo."""
     if "RANK" not in os.environ and gpus > 1:
         if torch.cuda.is_available() and gpus > torch.cuda.device_count():
             raise UserError(f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible")
@@ -347,21 +334,16 @@ def _spawn(n):
     sys.exit(code or max(p.returncode for p in procs))
 
 
-def _all_reduce(x, d, op):
+def all_sum(x, d, op=dist.ReduceOp.SUM):
+    """Sum (or `op`) a float or tensor over processes, identity on one; returns a float64 tensor."""
     t = torch.as_tensor(x, dtype=torch.float64, device=d.device).clone()
     if d.world > 1:
         dist.all_reduce(t, op=op)
     return t
 
 
-def all_sum(x, d):
-    """Sum a float or tensor over processes (identity on one process). Returns a float tensor."""
-    return _all_reduce(x, d, dist.ReduceOp.SUM)
-
-
 def all_max(x, d):
-    """Maximum of a float or tensor over processes (identity on one process). Returns a float tensor."""
-    return _all_reduce(x, d, dist.ReduceOp.MAX)
+    return all_sum(x, d, dist.ReduceOp.MAX)
 
 
 def rank_slice(items, d):
@@ -371,9 +353,8 @@ def rank_slice(items, d):
 
 
 def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
-    """Check that a global batch splits into processes and micro-batches; returns the micro-batch
-    size to use: --micro-batch-size, or a process's whole share when that is smaller (so the
-    defaults work with any --gpus)."""
+    """Check that a global batch splits into processes and micro-batches; returns the micro-batch size
+    to use: --micro-batch-size, or a process's share when that is smaller (defaults work on any --gpus)."""
     if batch_size % d.world:
         raise UserError(f"--{what.replace('_', '-')} {batch_size} does not divide by the {d.world} processes")
     per_rank = batch_size // d.world
@@ -630,26 +611,20 @@ def save_checkpoint(model, tokenizer, path, d):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_errors():
-    """What torch.save and safetensors raise for an OSError beneath, and torch.distributed.checkpoint's
-    CheckpointException where it was imported (by a state's save: imported at start-up, it and FSDP's
-    import add a second and a half to every run)."""
-    dcp = sys.modules.get("torch.distributed.checkpoint.api")
-    return (OSError, RuntimeError, SafetensorError, *([dcp.CheckpointException] if dcp else []))
-
-
 @contextmanager
 def writing(path, d, cleanup=None):
     """Every process runs the block's writes; one that fails on any process (a full disk, a quota, a
     folder gone) stops them all with one line naming `path`, after cleanup() on the main process. The
     processes agree through a collective, so none waits for ever on one that failed."""
+    # what torch.save and safetensors raise for an OSError beneath, and torch.distributed.checkpoint's own
+    # error where a state's save imported it (imported at start-up, it and FSDP add 1.5 s to every run)
+    dcp = sys.modules.get("torch.distributed.checkpoint.api")
     error = None
     try:
         yield
-    except _write_errors() as e:
+    except (OSError, RuntimeError, SafetensorError, *([dcp.CheckpointException] if dcp else [])) as e:
         error = next(iter(e.failures.values()))[0] if getattr(e, "failures", None) else e
-    failed = all_max(float(error is not None), d).item() > 0 if d.world > 1 else error is not None
-    if failed:
+    if all_max(float(error is not None), d).item() > 0:
         if d.main and cleanup:
             cleanup()
         why = f"{type(error).__name__}: {_first_line(error)}" if error else "another process failed to write"
@@ -869,12 +844,9 @@ def read_jsonl(path, fields, optional=()):
     prompt, chosen, rejected, completion, answer, teacher_responses). Each of these fields is
     checked against its type in FIELDS; other fields are ignored. Unreadable or malformed lines,
     missing fields and mistyped values are reported with the file, the line and the field."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data file '{path}' does not exist")
     rows = []
     try:
-        with p.open("rb") as f:
+        with _open_data(path) as f:
             for i, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8-sig")  # (-sig: a byte-order mark some editors write is not an error)
@@ -930,18 +902,6 @@ def response_ids(tokenizer, response):
     return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-def _many_ids(tokenizer, values, prompts):
-    """prompt_ids (prompts=True) or response_ids of each value, the plain strings in one batched call."""
-    encode = prompt_ids if prompts else response_ids
-    out = [None if isinstance(v, str) else encode(tokenizer, v) for v in values]
-    strings = [i for i, v in enumerate(values) if isinstance(v, str)]
-    if strings:
-        ids = tokenizer([values[i] for i in strings], add_special_tokens=prompts).input_ids
-        for i, x in zip(strings, ids):
-            out[i] = x if prompts else x + [tokenizer.eos_token_id]
-    return out
-
-
 # Where a model's config gives its context length, by family: Llama, Qwen, Mistral, ...; GPT-2,
 # GPT-J; ChatGLM, Qwen (v1); MPT; ...
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len", "max_sequence_length", "n_ctx")
@@ -966,7 +926,7 @@ def drop_long_prompts(rows, tokenizer, path, limit, why):
     """The records whose prompt encodes to 1..limit tokens (limit None: any length), and their
     prompt ids. The count dropped is printed once; none left is an error."""
     try:
-        ids = _many_ids(tokenizer, [r["prompt"] for r in rows], prompts=True)
+        ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
     except UserError as e:  # (no chat template, or the template refused a prompt)
         raise UserError(f"{path}: {e}") from None
     kept = [(r, x) for r, x in zip(rows, ids) if x and (limit is None or len(x) <= limit)]
@@ -982,24 +942,19 @@ def drop_long_prompts(rows, tokenizer, path, limit, why):
     return [r for r, _ in kept], [x for _, x in kept]
 
 
-def _config_context(path):
-    """context_length() of the model at `path` (None when its config cannot be read here: load_model says why)."""
-    if path is None:
-        return None
-    from transformers import AutoConfig
-    try:
-        return context_length(AutoConfig.from_pretrained(str(path)))
-    except (OSError, ValueError):
-        return None
-
-
 def fit_context(rows, tokenizer, args, cut=(), reserve=0):
     """The records of --data that fit the model's (and the teacher's) context, before any model loads:
     a prompt that leaves no room for --max-new-tokens + `reserve` tokens, or is longer than
     --max-prompt-length, is dropped; a response of the `cut` fields that does not fit after its prompt
     is cut from the right and kept as token ids (for response_ids), without EOS. Counts printed once."""
-    contexts = [n for n in map(_config_context, (args.model, getattr(args, "teacher", None))) if n]
-    context = min(contexts, default=None)
+    from transformers import AutoConfig
+    contexts = []
+    for path in filter(None, (args.model, getattr(args, "teacher", None))):
+        try:
+            contexts.append(context_length(AutoConfig.from_pretrained(str(path))))
+        except (OSError, ValueError):  # (a config that cannot be read here: load_model says why)
+            pass
+    context = min(filter(None, contexts), default=None)
     room = args.max_new_tokens + reserve
     limits = []  # (the longest prompt kept, why)
     if args.max_prompt_length:
@@ -1012,15 +967,16 @@ def fit_context(rows, tokenizer, args, cut=(), reserve=0):
     limit, why = min(limits, default=(None, ""))
     rows, prompts = drop_long_prompts(rows, tokenizer, args.data, limit, why)
     if context and cut:
-        # (room left after the prompt, where the response is held, its key there) for each response
-        slots = [(context - len(x) - reserve, holder, key) for r, x in zip(rows, prompts) for k in cut if k in r
-                 for holder, key in ([(r[k], j) for j in range(len(r[k]))] if k in RESPONSE_LISTS else [(r, k)])]
         n_cut = 0
-        for (room_left, holder, key), ids in zip(slots, _many_ids(tokenizer, [h[key] for _, h, key in slots],
-                                                                   prompts=False)):
-            if len(ids) > room_left:
-                holder[key] = tuple(ids[:room_left])
-                n_cut += 1
+        for r, x in zip(rows, prompts):
+            room_left = context - len(x) - reserve
+            for k in (k for k in cut if k in r):
+                holder, keys = (r[k], range(len(r[k]))) if k in RESPONSE_LISTS else (r, [k])  # where each is held
+                for key in keys:
+                    ids = response_ids(tokenizer, holder[key])
+                    if len(ids) > room_left:
+                        holder[key] = tuple(ids[:room_left])
+                        n_cut += 1
         if n_cut:
             _warn_once(f"{n_cut} response(s) of {args.data} are cut from the right to fit the model's context of "
                        f"{context} tokens")
@@ -1067,7 +1023,7 @@ def gathered(model):
     """Under FSDP2, the model's full weights for the block: each unit all-gathered once and freed at its
     end, not once per forward (a generation makes one forward per token). The cost: the unsharded
     weights in the compute dtype on every process meanwhile (bf16 on GPU: 2 bytes a parameter)."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded; see _write_errors)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded; see writing())
     units = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp else []
     for m in units:
         m.unshard()
@@ -1321,6 +1277,9 @@ def evaluate_splits(model, tokenizer, args, d):
 
 # ----------------------------------------------------------------------------- logging
 
+COMPLETION_COLUMNS = ("split", "prompt", "response", "reward")
+
+
 class Tracker:
     """--report-to: the lines of metrics.jsonl, the run's arguments and the evaluation responses (a
     table) sent to wandb, trackio or TensorBoard (<out>/tensorboard), from rank 0. The tracker is
@@ -1340,44 +1299,40 @@ class Tracker:
         else:  # a resumed run drops what the killed one wrote after its state's step
             from torch.utils.tensorboard import SummaryWriter
             self.run = SummaryWriter(Path(args.out) / "tensorboard", purge_step=step + 1 if step else None)
-            self.run.add_text("args", _markdown(("argument", "value"), config.items()), step)
+            self.run.add_text("args", self._markdown(("argument", "value"), config.items()), step)
 
     def log(self, step, metrics, completions=()):
+        rows = [[c[k] for k in COMPLETION_COLUMNS] for c in completions]
         if self.kind == "tensorboard":
             for k, v in metrics.items():
                 self.run.add_scalar(k, v, step)
-            if completions:
-                self.run.add_text("eval/completions", _markdown(COMPLETION_COLUMNS, [[c[k] for k in COMPLETION_COLUMNS]
-                                                                                    for c in completions]), step)
-            return
-        if completions:
-            metrics = {**metrics, "eval/completions": self.lib.Table(
-                columns=list(COMPLETION_COLUMNS), data=[[c[k] for k in COMPLETION_COLUMNS] for c in completions])}
-        self.run.log(metrics, step=step)
+            if rows:
+                self.run.add_text("eval/completions", self._markdown(COMPLETION_COLUMNS, rows), step)
+        else:
+            table = {"eval/completions": self.lib.Table(columns=list(COMPLETION_COLUMNS), data=rows)} if rows else {}
+            self.run.log({**metrics, **table}, step=step)
 
     def finish(self):
         (self.run.close if self.kind == "tensorboard" else self.run.finish)()
 
-
-COMPLETION_COLUMNS = ("split", "prompt", "response", "reward")
-
-
-def _markdown(columns, rows):
-    """A markdown table (TensorBoard's text tab shows one)."""
-    lines = [columns, ["---"] * len(columns), *[[str(v).replace("|", "\\|") for v in row] for row in rows]]
-    return "\n".join(" | ".join(line) for line in lines)
+    @staticmethod
+    def _markdown(columns, rows):
+        """A markdown table (TensorBoard's text tab shows one)."""
+        lines = [columns, ["---"] * len(columns), *[[str(v).replace("|", "\\|") for v in row] for row in rows]]
+        return "\n".join(" | ".join(line) for line in lines)
 
 
 class Logger:
-    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; the
-    evaluations (evaluate_splits() scores) printed, those of a step added to its line, and their first
-    greedy responses to <out>/completions.jsonl; all of it to the --report-to tracker (Tracker)."""
+    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; evaluations
+    (evaluate_splits()) printed, a step's added to its line, their first greedy responses to
+    <out>/completions.jsonl; all of it to the --report-to tracker (Tracker). The files and the tracker
+    take lines from start() on (a resumed run first cuts them back to its state's step); what comes
+    before waits in `completions` and `to_report`."""
 
     def __init__(self, out, d, total_steps, args):
-        self.d, self.out, self.max_new_tokens, self.eval_every = d, Path(out), args.max_new_tokens, args.eval_every
-        self.warned_truncation, self.total, self.bar = False, total_steps, None  # (the bar: start())
-        self.completions, self.last_scores = [], None  # lines for completions.jsonl, written from start()
-        self.args, self.tracker, self.to_report = args, None, []  # (--report-to: the tracker opens in start())
+        self.d, self.out, self.args, self.total = d, Path(out), args, total_steps
+        self.bar = self.tracker = self.last_scores = None
+        self.warned_truncation, self.completions, self.to_report = False, [], []
         if d.main:
             if not args.resume:  # a resumed run keeps the lines up to its state's step (start())
                 self._write("metrics.jsonl", "")
@@ -1407,12 +1362,12 @@ class Logger:
         """One warning per run when more than half of the responses were cut at --max-new-tokens."""
         if share > 0.5 and not self.warned_truncation:
             self.warned_truncation = True
-            self.print(f"warning: {share:.0%} of {what} hit --max-new-tokens {self.max_new_tokens} without EOS and "
-                       f"are scored cut short; raise --max-new-tokens (real models need hundreds)")
+            self.print(f"warning: {share:.0%} of {what} hit --max-new-tokens {self.args.max_new_tokens} without EOS "
+                       f"and are scored cut short; raise --max-new-tokens (real models need hundreds)")
 
     def evaluation(self, when, scores, step=0):
-        """Print an evaluate_splits() result, with the truncated shares where there are any, and before
-        and after training two of its responses; its responses go to completions.jsonl as step `step`'s."""
+        """Print an evaluate_splits() result (with the truncated shares where there are any, and before
+        and after training two of its responses); its responses go to completions.jsonl as step `step`'s."""
         cut = (f" (truncated: {scores['truncated']:.0%} ID, {scores['ood_truncated']:.0%} OOD)"
                if scores["truncated"] or scores["ood_truncated"] else "")
         self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
@@ -1425,10 +1380,7 @@ class Logger:
             self.completions += [json.dumps({"step": step, **c}) + "\n" for c in scores["completions"]]
             accuracies = {"eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
             self.to_report.append((step, {} if when.startswith("step") else accuracies, scores["completions"]))
-            self._report()
-            if self.bar is not None:
-                self._write("completions.jsonl", "".join(self.completions), mode="a")
-                self.completions = []
+            self._flush()
 
     def log(self, step, metrics, scores=None):
         """Write step `step`'s metrics; `scores` (evaluate_splits(), when the step was scored) are
@@ -1442,25 +1394,32 @@ class Logger:
         self.warn_truncation(metrics.get("rollout/truncated", 0.0), f"the sampled responses of step {step}")
         self._write("metrics.jsonl", json.dumps({"step": step, **metrics}) + "\n", mode="a")
         self.to_report.append((step, metrics, ()))
-        self._report()
+        self._flush()
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
-                                 if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")},
-                                refresh=False)
+                              if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")},
+                             refresh=False)
         self.bar.update(1)
 
-    def _report(self):
-        """Send what waits for the tracker, once it is open (start())."""
-        while self.tracker and self.to_report:
-            self.tracker.log(*self.to_report.pop(0))
+    def _flush(self):
+        """Write the waiting responses and send the waiting reports, once start() has run."""
+        if self.bar is None:
+            return
+        if self.completions:
+            self._write("completions.jsonl", "".join(self.completions), mode="a")
+            self.completions = []
+        while self.to_report:
+            report = self.to_report.pop(0)
+            if self.tracker:
+                self.tracker.log(*report)
 
     def start(self, step, values):
         """Start the progress bar at the loop's first step, after `step` (0, or the step a resumed run
-        continues after: metrics.jsonl and completions.jsonl keep their lines up to it and drop the
-        later ones, which a killed run may have logged after its last state, and the responses of a
-        finished run's evaluation after training, unless --eval-every scores that step too); write
-        the responses of the evaluation before training (a resumed run has them already)."""
+        continues after: metrics.jsonl and completions.jsonl keep their lines up to it and drop the later
+        ones, which a killed run may have logged after its last state, and the responses of a finished
+        run's evaluation after training, unless --eval-every scores that step too); open the tracker
+        (its run id kept in `values`, the training state's)."""
         if self.d.main and step:
-            self.completions, scored = [], self.eval_every and step % self.eval_every == 0
+            scored = self.args.eval_every and step % self.args.eval_every == 0
             for name in ("metrics.jsonl", "completions.jsonl"):
                 path, kept = self.out / name, []
                 for line in (path.read_text().splitlines() if path.exists() else []):
@@ -1471,15 +1430,12 @@ class Logger:
                     except (ValueError, KeyError, TypeError):  # a line cut short by the kill
                         pass
                 self._write(name, "".join(kept))
-        if self.d.main:
-            self._write("completions.jsonl", "".join(self.completions), mode="a")
-            self.completions = []
+            self.completions, self.to_report = [], []  # (the evaluation before training: written and reported then)
         self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
-        if self.d.main and self.args.report_to != "none":  # its run id in `values`, the training state's
+        if self.d.main and self.args.report_to != "none":
             run_id = values.setdefault("tracker_run", f"{random.SystemRandom().getrandbits(32):08x}")
             self.tracker = Tracker(self.args.report_to, self.args, run_id, step)
-            self.to_report = [] if step else self.to_report  # (a resumed run reported the evaluation before)
-            self._report()
+        self._flush()
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write <out>/summary.json (the fields, and the
@@ -1700,8 +1656,7 @@ class Checkpointer:
     def sigterm(self):
         """Whether a SIGTERM has reached any process (then every process stops after the same step):
         the loop saves the state and calls exit()."""
-        stop = float(self.stop_at is not None)
-        return (all_max(stop, self.d).item() if self.d.world > 1 else stop) > 0
+        return all_max(float(self.stop_at is not None), self.d).item() > 0
 
     def exit(self, step):
         """After the state of step `step` is saved on a SIGTERM: say how to continue, exit with 143

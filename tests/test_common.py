@@ -148,7 +148,7 @@ def test_logprob_extras_equal_full_logits(model, tok, cpu):
     naive[:, P - 1:-1].gather(-1, gather).sum().backward()
     for n, g in _grads(model).items():
         assert g.abs().sum() > 0, n
-        torch.testing.assert_close(chunked[n], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(chunked[n], g, atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
     model.zero_grad(set_to_none=True)
     out = model(ids, mask, P, gather=gather, topk=4, entropy=True)
     plain = model(ids, mask, P)
@@ -248,7 +248,7 @@ def test_sample_splits_the_global_batch_over_processes(model, tok, cpu, monkeypa
     prompts = [common.prompt_ids(tok, p) for p in PROBLEMS]
     torch.manual_seed(3)
     one = common.sample(model, tok, prompts, cpu, 6)
-    monkeypatch.setattr(common, "_all_reduce", lambda x, d, op: torch.as_tensor(x, dtype=torch.float64).clone())
+    monkeypatch.setattr(common, "all_sum", lambda x, d, op=None: torch.as_tensor(x, dtype=torch.float64).clone())
     for rank in (0, 1):
         torch.manual_seed(3)
         half = common.sample(model, tok, prompts[rank * 4:(rank + 1) * 4], common.Dist(rank, 2, cpu.device), 6)
