@@ -1,21 +1,17 @@
 """Plumbing shared by every method file: no loss and no algorithm choice lives here.
 
-Contents, in the order a training script uses them:
-  arguments      parse_args(Args): an argparse CLI from a dataclass, help from field docstrings; the
-                 paths checked and --out created (and locked against a second run) before anything loads
-  errors         UserError + run(main): one clear line and exit 1 instead of a stack trace; the
-                 libraries' own bars, logs and warnings silenced (POSTTRAIN_VERBOSE=1 shows them)
-  distributed    init_distributed(gpus): --gpus N spawns N processes; torchrun works as-is
-  models         load_model / load_tokenizer, shard_model, save_checkpoint, memory (free_memory, peak_mem_gb)
-  log-probs      logprobs(): per-token log-probs without a full fp32 (B, T, V) tensor (LogprobModel's
-                 chunked head), beside reference_logprobs(), the plain log_softmax of the model's logits
-  data           read_jsonl, encode, batches: TRL field names, chat template, left/right padding
-  sampling       sample(): batched KV-cache sampling returning ids, masks and log-probs
-  rewards        extract_answer / reward: a response's last \\boxed{}, number after ####, or last number
-  evaluation     evaluate(), evaluate_splits(): greedy accuracy and truncated share on the test splits
-  logging        Logger: tqdm bar + <out>/metrics.jsonl, summary.json
-  training state Checkpointer: --save-every, --resume and SIGTERM; the full state in <out>/state;
-                 writing(): a failed write (a full disk) stops every process with one line
+Sections, in the order a training script uses them, and what a method file gets from each:
+  arguments       parse_args(Args): the CLI from the Args dataclass, every value and path checked first
+  errors          run(main): a UserError is one `error:` line and exit 1; the libraries kept quiet
+  distributed     init_distributed(gpus) (--gpus N or torchrun), all_sum / all_max, rank_slice
+  models          load_model / load_tokenizer, add_lora, shard_model (FSDP2), save_checkpoint, free_memory
+  log-probs       logprobs(): (B, R) per-token log-probs without a full fp32 (B, T, V) tensor
+  data            read_jsonl, prompt_ids / response_ids, fit_context, pad_batch, batches
+  sampling        sample(): KV-cache sampling of ids, masks and log-probs; VLLM, its engine for --vllm
+  rewards         reward(): 0/1 on a response's last \\boxed{}, number after ####, or last number
+  evaluation      evaluate_splits(): greedy accuracy and truncated share on the test splits
+  logging         Logger: the bar, metrics.jsonl, completions.jsonl, summary.json, the --report-to tracker
+  training state  Checkpointer: --save-every, --resume and SIGTERM; writing(): a failed write stops all
 
 Sequence layout used everywhere: a batch row is [left-padded prompt | right-padded response], so
 every response starts at column W = `prompt_width`. Response tensors are (B, R) with R = T - W.

@@ -20,9 +20,11 @@ torch.set_num_threads(1)  # the machine is shared: stay on one core
 # A deprecation or future warning (transformers', torch's, anyone's) raised while our code runs is an
 # error: in this process and, through the environment, in every script and process a test starts. So
 # the next API change fails CI rather than warning on a user's screen. Not ours to fix: transformers
-# (5.0 to 5.24 at least) scripts GPT-BigCode's activations with torch.jit.script at import.
+# (5.0 to 5.25 at least) scripts GPT-BigCode's activations with torch.jit.script at import, and torch's
+# own inductor (which vLLM's model inspection imports) defines torch.jit.script_method modules.
 WARNINGS_AS_ERRORS = ("error::DeprecationWarning,error::FutureWarning,"
-                      "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+                      "ignore:`torch.jit.script` is deprecated:DeprecationWarning,"
+                      "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 os.environ["PYTHONWARNINGS"] = WARNINGS_AS_ERRORS
 
 
