@@ -76,9 +76,9 @@ import torch
 
 from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
-                    load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice,
-                    read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint, seed_everything, select_rows,
-                    shard_model, warmup_schedule)
+                    load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb,
+                    prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
+                    seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -135,8 +135,7 @@ class Args:
     clip_high: float = 0.28
     """baseline: the ratio is clipped from above at 1 + clip_high"""
     rollout_precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32: rollouts from the policy itself; bf16: from a copy with its weights rounded to bf16 (a sampler
-    that differs from the learner, as a bf16 inference engine's does)"""
+    """fp32: rollouts from the policy itself; bf16: from its weights rounded to bf16 (as a bf16 engine's copy)"""
     lr: float = 5e-5
     """peak learning rate"""
     warmup_steps: int = 10
@@ -196,10 +195,9 @@ def binary_divergence(logp, rollout_logp, kind):
 
 
 def topk_divergence(logp_set, rollout_logp_set, kind):
-    """Eqs. 15-16 over a token set (last dim: mu's top-K plus the sampled token) and an "other" bucket
-    with the rest of the mass (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl"
-    sum p_mu log(p_mu / p_pi). Entries of -inf in both (a token listed twice) are zero mass.
-    (B, T, K) -> (B, T)."""
+    """Eqs. 15-16 over a token set (last dim: mu's top-K plus the sampled token) and an "other" bucket with the
+    rest of the mass (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl" sum p_mu log(p_mu / p_pi).
+    Entries of -inf in both (a token listed twice) are zero mass. (B, T, K) -> (B, T)."""
     logp_set, rollout_logp_set = logp_set.detach(), rollout_logp_set.detach()
     p_pi, p_mu = logp_set.exp(), rollout_logp_set.exp()
     other_pi = (1 - p_pi.sum(-1)).clamp(min=1e-12)                            # (B, T)
@@ -234,29 +232,26 @@ def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None
 
 
 def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_tokens=None):
-    """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
-    max(-A rho, -A clip(rho)) summed over valid tokens / n_tokens (default: their count, the token
-    mean). All inputs (B, T); mask 1 on valid tokens."""
+    """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]: max(-A rho,
+    -A clip(rho)) summed over valid tokens / n_tokens (default: their count, the token mean). All (B, T)."""
     ratio = torch.exp((logp - rollout_logp) * mask)                                    # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 @contextmanager
+@torch.no_grad()  # each step of the generator; the caller's block keeps its own grad mode
 def rounded_weights(model, dtype):
-    """Within the block, the model's weights hold their values rounded to `dtype` (in their own
-    dtype); after it, their exact values again. A sampler that differs from the learner, as a bf16
-    inference engine's copy of an fp32 policy does."""
+    """Within the block, the model's weights hold their values rounded to `dtype` (in their own dtype); after it,
+    their exact values again. A sampler that differs from the learner, as a bf16 engine's copy of an fp32 policy."""
     exact = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(dtype))
+    for p in model.parameters():
+        p.copy_(p.to(dtype))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, value in zip(model.parameters(), exact):
-                p.copy_(value)
+        for p, value in zip(model.parameters(), exact):
+            p.copy_(value)
 
 
 # ----------------------------------------------------------------------------- training
@@ -295,8 +290,8 @@ def main():
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         with rounded_weights(model, torch.bfloat16) if args.rollout_precision == "bf16" else nullcontext():
             rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                             args.max_new_tokens, args.temperature, topk=topk,
-                             micro_batch_size=args.generation_batch_size, engine=engine)
+                             args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size,
+                             engine=engine, topk=topk)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
@@ -311,7 +306,7 @@ def main():
             for j in torch.randperm(args.minibatches).tolist():
                 minibatch = list(range(j, len(mine), args.minibatches))
                 # per-process share of the minibatch's normaliser: the gradient all-reduce averages over processes
-                n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
+                n = all_sum(mask[minibatch].sum(), d).item() / d.world
                 losses = torch.zeros(1, dtype=torch.float64)
                 for mb in micro_batches(minibatch, args.micro_batch_size):
                     b = select_rows(rollout, mb)
@@ -322,15 +317,12 @@ def main():
                         sampled_ids = b["input_ids"][:, b["prompt_width"]:]
                         divergence = topk_divergence(
                             with_sampled_token(out["gather_logp"].detach(), out["logp"].detach(), b["topk_ids"], sampled_ids),
-                            with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind)
+                            with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind) * m
                     else:
-                        divergence = binary_divergence(out["logp"], rollout_logp[mb], kind)
-                    divergence = divergence * m
+                        divergence = binary_divergence(out["logp"], rollout_logp[mb], kind) * m
                     trust = dppo_mask(out["logp"], rollout_logp[mb], adv, divergence, delta)
-                    if args.trust_region == "dppo":
-                        pg = dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n_tokens)
-                    else:
-                        pg = clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n_tokens)
+                    pg = (dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n) if args.trust_region == "dppo" else
+                          clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n))
                     pg.backward()
                     with torch.no_grad():
                         log_ratio = (out["logp"] - rollout_logp[mb]) * m
@@ -338,8 +330,8 @@ def main():
                         losses += pg.double().cpu()
                         clipped = (ratio > 1 + args.clip_high) & (adv > 0) | (ratio < 1 - args.clip_low) & (adv < 0)
                         token_sums += torch.stack([clipped * m, (ratio - 1 - log_ratio) * m,
-                                                   out["entropy"] * m, (1 - trust) * m,
-                                                   divergence]).sum((1, 2)).double().cpu()
+                                                   out["entropy"] * m,
+                                                   (1 - trust) * m, divergence]).sum((1, 2)).double().cpu()
                         divergence_max = max(divergence_max, divergence.max().item())
                 losses = all_sum(losses, d).cpu() / d.world
                 check_finite(losses.sum().item(), step, args.out)

@@ -282,7 +282,8 @@ def main():
                         clipped = (ratio > 1 + args.clip_eps) & (A > 0) | (ratio < 1 - args.clip_eps) & (A < 0)
                         kl_ref = torch.zeros_like(m) if ref is None else kl_k3(out["logp"] * m, ref * m)
                         token_sums += torch.stack([clipped * m, (ratio - 1 - log_ratio) * m,
-                                                   out["entropy"] * m, kl_ref * m]).sum((1, 2)).double().cpu()
+                                                   out["entropy"] * m,
+                                                   kl_ref * m]).sum((1, 2)).double().cpu()
                 losses = all_sum(losses, d).cpu() / d.world
                 check_finite(losses.sum().item(), step, args.out)
                 grad_norms = [clip_grad(model, args.max_grad_norm)]
@@ -292,7 +293,8 @@ def main():
                 update_sums += torch.cat([losses, torch.tensor(grad_norms, dtype=torch.float64)])
         loss, grad_norm = (update_sums / (args.epochs * args.minibatches)).tolist()
         rollout_tokens = all_sum(mask.sum(), d).item()
-        clipfrac, approx_kl, entropy, kl_ref = (all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
+        clipfrac, approx_kl, entropy, kl_ref = (
+            all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
         n_responses = args.prompts_per_step * args.group_size
         evals = None
         if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
