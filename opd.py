@@ -129,9 +129,9 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
-def opd_advantage(student_logp, teacher_logp):
+def opd_advantage(rollout_logp, teacher_logp):
     """Per-token K1 reverse-KL reward, used as the advantage: log pi_T - log mu. Both (B, R); (B, R)."""
-    return teacher_logp - student_logp
+    return teacher_logp - rollout_logp
 
 
 def opd_loss(logp, rollout_logp, advantages, mask, n_tokens=None):

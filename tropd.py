@@ -354,8 +354,8 @@ def main():
                        "guide/prefix_fraction": n_prefix / n_teacher,
                        "rollout/reward_mean": reward_sum / n_seqs, "rollout/response_length": policy_length / n_seqs,
                        "rollout/truncated": truncated / n_seqs,
-                       "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
                        **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
