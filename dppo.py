@@ -2,69 +2,41 @@
 Trust Region in LLM Reinforcement Learning", arXiv 2602.04879; reference code sail-sg/Stable-RL): GRPO whose
 ratio clip is replaced by a mask on an estimate of a real divergence between the rollout and the current policy.
 
-Objective: sample G responses per prompt from the policy, each scored 0/1; no critic: every token of
-response i gets the group-relative advantage A_i = R_i - mean(R) over its group (no std, no KL penalty);
-then minibatch updates of the unclipped surrogate, masked where it would leave the trust region (Eqs. 11-12)
+Objective: grpo.py's rollouts, with A_i = R_i - mean(R) over the group (no std) and no KL penalty; minibatch
+updates of the unclipped surrogate, masked where it would leave the trust region (Eqs. 11-12), a token mean:
   l_t = -M_t rho_t A_i,  rho_t = pi_theta(y_t) / mu(y_t),
-  M_t = 0 if D_t > delta and (A_i > 0 and rho_t > 1 or A_i < 0 and rho_t < 1), else 1,
-averaged over all tokens. PPO's clip |rho_t - 1| <= eps is a one-sample estimate of the total-variation
-distance between mu and pi_theta; DPPO masks on an estimate D_t of a real divergence D(mu || pi_theta)(s_t)
-instead, and only the update that moves further away.
+  M_t = 0 if D_t > delta and (A_i > 0 and rho_t > 1 or A_i < 0 and rho_t < 1), else 1.
+PPO's clip |rho_t - 1| <= eps is a one-sample estimate of the TV distance between mu and pi_theta; DPPO masks
+on an estimate D_t of a real divergence D(mu || pi_theta)(s_t) instead, and only the update moving further away.
 
 Run:
   python dppo.py                                        # tiny world, CPU, a few minutes
   python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
       --max-new-tokens 512 --group-size 16 --lr 1e-6   # the authors' G 16, lr 1e-6
   python dppo.py --trust-region clip                    # the baseline: ratio clip 0.2 / 0.28, all else equal
-  python dppo.py --divergence topk_kl                   # binary_tv (default), binary_kl, topk_tv, topk_kl
   python dppo.py --gpus 8 ...                           # or: torchrun --nproc-per-node 8 dppo.py ...
 
-Implementation details:
-  1. Data: JSONL with `prompt` and `answer`; the sequence score is common.reward (1 when the
-     response's last number equals the answer, else 0), the reward of every token of the response.
-  2. Advantages: a group's G responses are adjacent rows of one process's rollout (the prompts, not
-     the responses, are split over processes), so its mean is local. A = R - group mean, with no std
-     division (an all-right or all-wrong group gets A = 0 and no gradient), no whitening, no KL penalty.
-  3. The trust region is anchored to the ROLLOUT: mu's log-probs (and, for Top-K, mu's top-K ids
-     and log-probs) are the ones sample() recorded while drawing the tokens, never recomputed. They
-     are those of the distribution sampled from (logits / temperature), so keep --temperature 1 (the
-     default) unless the mismatch is what you want to study.
-  4. Divergences (Eqs. 13-16), computed without gradient: binary_tv |mu(a) - pi(a)| and binary_kl
-     (the vocabulary collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t}
-     plus an "other" bucket with the rest of the mass (clamped at 1e-12). Where a_t is already in
-     the top-K it is not counted twice. delta defaults to 0.15 for TV and 0.05 for KL (the authors'
-     script). K = 20, capped at the vocabulary size (the tiny world has 18 tokens, so there the
-     Top-K divergences are exact).
-  5. Loss as in the reference code: -A * sg(min(rho, C)) * M * log pi_theta, C = 10, whose gradient
-     is that of -M * rho * A (Eq. 11) wherever rho < C. --trust-region clip is the paper's baseline,
-     GRPO-style "ClipHigher": max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.28)), with the same advantages,
-     batches and seed. Either is a token mean over the optimizer step (minibatch, all its micro-batches
-     and processes): each micro-batch's loss divides by the minibatch's token count (over all
-     processes) / the process count, so micro-batching and processes do not change the gradient.
-     The authors' verl script differs: loss_agg_mode seq-mean-token-sum-norm, each response's token
-     SUM over a constant length, then the mean over responses (grpo.py's --agg constant, Dr. GRPO).
-  6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
-     --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
-     them; each epoch visits the minibatches in a new random order. One optimizer step each. The
-     default (2 minibatches, 2 epochs: four optimizer steps per rollout batch) makes every update
-     after the first off-policy, so the trust region has something to do.
-  7. Logged per rollout step (mean over its updates), for both trust regions: clipfrac (tokens whose
-     gradient the ratio clip removes: A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low),
-     approx_kl (k3 = (rho - 1) - log rho), entropy, masked_frac (tokens DPPO's mask zeroes),
-     divergence mean and max; per rollout: reward mean, reward std (mean over groups of the group's
-     std), response length. Only the selected trust region acts; the other is what it would have done.
-  8. --rollout-precision bf16 samples each rollout from the policy with its weights rounded to bf16
-     (restored for the update), so mu differs from pi_theta before any update, as when a bf16
-     inference engine samples for an fp32 learner. On a GPU the policy already computes in bf16
-     (autocast), so there the option rounds only what autocast leaves in fp32 (norms, biases).
-  9. Deviations: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
-     models. Tiny-world defaults: 32 prompts x 8 and lr 5e-5, as grpo.py (on the first world, of
-     2-4 token answers, higher rates did worse: lr 3e-4 collapsed); 80 rollout steps, not grpo.py's
-     100, because each takes four optimizer steps: on the world of worked solutions 100 steps took
-     320 s on 2 cores (0.346 -> 0.908 ID, seed 1) and the sampled accuracy had levelled by step 80.
-     The 80-step default, 3 seeds (results.py): 0.914 +- 0.030 ID, 185 s with evaluations every 20 steps.
-     At lr 3e-4 (40 steps) DPPO collapses there (0.083 +- 0.064 ID) where the clip holds 0.453 +- 0.150:
-     the README's DPPO table, with the stale and bf16-sampler regimes.
+Implementation details (as grpo.py's: data, groups, minibatches, normalisers over a step; plus):
+  1. The trust region is anchored to the ROLLOUT: mu's log-probs (for Top-K also its top-K ids and log-probs)
+     are sample()'s, never recomputed; keep --temperature 1 unless the mismatch is what you want to study.
+  2. Divergences (Eqs. 13-16), without gradient: binary_tv |mu(a) - pi(a)| and binary_kl (the vocabulary
+     collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t} (a_t not counted twice)
+     plus an "other" bucket with the rest of the mass (clamped at 1e-12). delta 0.15 for TV, 0.05 for KL (the
+     authors' script); K = 20, capped at the vocabulary size (the tiny world's 18 tokens: exact there).
+  3. Loss as the reference code: -A * sg(min(rho, C)) * M * log pi_theta, C = 10, whose gradient is that of
+     -M rho A (Eq. 11) wherever rho < C. --trust-region clip, the paper's baseline, is GRPO-style "ClipHigher"
+     max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.28)). Either is a token mean over the optimizer step (grpo.py's
+     --agg token); the authors' verl script takes seq-mean-token-sum-norm (grpo.py's --agg constant).
+  4. Logged for both trust regions (only the selected one acts): clipfrac (tokens the clip cuts: A > 0 and
+     rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low), masked_frac (tokens DPPO's mask zeroes), divergence
+     mean and max, and grpo.py's approx_kl, entropy, reward mean and std, response length.
+  5. --rollout-precision bf16 samples each rollout from the policy's weights rounded to bf16 (restored for the
+     update): mu differs from pi_theta before any update, as with a bf16 inference engine. On a GPU (autocast
+     bf16) it rounds only what autocast leaves in fp32.
+  6. Defaults: 2 minibatches x 2 epochs (four optimizer steps per rollout), so every update after the first is
+     off-policy and the trust region has something to do. The authors' lr 1e-6 and G 16 are for 1B+ models;
+     the tiny world takes grpo.py's 32 prompts x 8, lr 5e-5 (higher did worse on the first world), and 80
+     rollout steps, not 100 (four optimizer steps each; the sampled accuracy had levelled by step 80).
 """
 
 import time
