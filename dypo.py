@@ -36,7 +36,7 @@ Implementation details (grpo.py's skeleton; one joint micro-batch loop in place 
      GAL (here beta 1 and pi_ref, Eq. 14); (d) once detached GAL's log-probs (no gradient; here they carry it,
      tested); (e) takes GSPO's length-normalised ratio, each response a token mean (here a sum, Eq. 12).
   7. The paper's alpha 0.5, beta 1; gamma (--sft-weight, not in the paper) 1. `--alpha 1 --sft-weight 0` is plain
-     GRPO; the README's SFT-then-RL: sft.py on world/teacher_sft.jsonl, then that GRPO, the same steps in all.
+     GRPO (Hard, Easy groups have zero advantage); the README's SFT-then-RL: sft.py, then that GRPO.
 """
 
 import time
