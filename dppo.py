@@ -2,69 +2,41 @@
 Trust Region in LLM Reinforcement Learning", arXiv 2602.04879; reference code sail-sg/Stable-RL): GRPO whose
 ratio clip is replaced by a mask on an estimate of a real divergence between the rollout and the current policy.
 
-Objective: sample G responses per prompt from the policy, each scored 0/1; no critic: every token of
-response i gets the group-relative advantage A_i = R_i - mean(R) over its group (no std, no KL penalty);
-then minibatch updates of the unclipped surrogate, masked where it would leave the trust region (Eqs. 11-12)
+Objective: grpo.py's rollouts, with A_i = R_i - mean(R) over the group (no std) and no KL penalty; minibatch
+updates of the unclipped surrogate, masked where it would leave the trust region (Eqs. 11-12), a token mean:
   l_t = -M_t rho_t A_i,  rho_t = pi_theta(y_t) / mu(y_t),
-  M_t = 0 if D_t > delta and (A_i > 0 and rho_t > 1 or A_i < 0 and rho_t < 1), else 1,
-averaged over all tokens. PPO's clip |rho_t - 1| <= eps is a one-sample estimate of the total-variation
-distance between mu and pi_theta; DPPO masks on an estimate D_t of a real divergence D(mu || pi_theta)(s_t)
-instead, and only the update that moves further away.
+  M_t = 0 if D_t > delta and (A_i > 0 and rho_t > 1 or A_i < 0 and rho_t < 1), else 1.
+PPO's clip |rho_t - 1| <= eps is a one-sample estimate of the TV distance between mu and pi_theta; DPPO masks
+on an estimate D_t of a real divergence D(mu || pi_theta)(s_t) instead, and only the update moving further away.
 
 Run:
   python dppo.py                                        # tiny world, CPU, a few minutes
   python dppo.py --model Qwen/Qwen2.5-0.5B-Instruct --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
       --max-new-tokens 512 --group-size 16 --lr 1e-6   # the authors' G 16, lr 1e-6
   python dppo.py --trust-region clip                    # the baseline: ratio clip 0.2 / 0.28, all else equal
-  python dppo.py --divergence topk_kl                   # binary_tv (default), binary_kl, topk_tv, topk_kl
   python dppo.py --gpus 8 ...                           # or: torchrun --nproc-per-node 8 dppo.py ...
 
-Implementation details:
-  1. Data: JSONL with `prompt` and `answer`; the sequence score is common.reward (1 when the
-     response's last number equals the answer, else 0), the reward of every token of the response.
-  2. Advantages: a group's G responses are adjacent rows of one process's rollout (the prompts, not
-     the responses, are split over processes), so its mean is local. A = R - group mean, with no std
-     division (an all-right or all-wrong group gets A = 0 and no gradient), no whitening, no KL penalty.
-  3. The trust region is anchored to the ROLLOUT: mu's log-probs (and, for Top-K, mu's top-K ids
-     and log-probs) are the ones sample() recorded while drawing the tokens, never recomputed. They
-     are those of the distribution sampled from (logits / temperature), so keep --temperature 1 (the
-     default) unless the mismatch is what you want to study.
-  4. Divergences (Eqs. 13-16), computed without gradient: binary_tv |mu(a) - pi(a)| and binary_kl
-     (the vocabulary collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t}
-     plus an "other" bucket with the rest of the mass (clamped at 1e-12). Where a_t is already in
-     the top-K it is not counted twice. delta defaults to 0.15 for TV and 0.05 for KL (the authors'
-     script). K = 20, capped at the vocabulary size (the tiny world has 18 tokens, so there the
-     Top-K divergences are exact).
-  5. Loss as in the reference code: -A * sg(min(rho, C)) * M * log pi_theta, C = 10, whose gradient
-     is that of -M * rho * A (Eq. 11) wherever rho < C. --trust-region clip is the paper's baseline,
-     GRPO-style "ClipHigher": max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.28)), with the same advantages,
-     batches and seed. Either is a token mean over the optimizer step (minibatch, all its micro-batches
-     and processes): each micro-batch's loss divides by the minibatch's token count (over all
-     processes) / the process count, so micro-batching and processes do not change the gradient.
-     The authors' verl script differs: loss_agg_mode seq-mean-token-sum-norm, each response's token
-     SUM over a constant length, then the mean over responses (grpo.py's --agg constant, Dr. GRPO).
-  6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
-     --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
-     them; each epoch visits the minibatches in a new random order. One optimizer step each. The
-     default (2 minibatches, 2 epochs: four optimizer steps per rollout batch) makes every update
-     after the first off-policy, so the trust region has something to do.
-  7. Logged per rollout step (mean over its updates), for both trust regions: clipfrac (tokens whose
-     gradient the ratio clip removes: A > 0 and rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low),
-     approx_kl (k3 = (rho - 1) - log rho), entropy, masked_frac (tokens DPPO's mask zeroes),
-     divergence mean and max; per rollout: reward mean, reward std (mean over groups of the group's
-     std), response length. Only the selected trust region acts; the other is what it would have done.
-  8. --rollout-precision bf16 samples each rollout from the policy with its weights rounded to bf16
-     (restored for the update), so mu differs from pi_theta before any update, as when a bf16
-     inference engine samples for an fp32 learner. On a GPU the policy already computes in bf16
-     (autocast), so there the option rounds only what autocast leaves in fp32 (norms, biases).
-  9. Deviations: the authors' learning rate (1e-6) and group size (16) are for billion-parameter
-     models. Tiny-world defaults: 32 prompts x 8 and lr 5e-5, as grpo.py (on the first world, of
-     2-4 token answers, higher rates did worse: lr 3e-4 collapsed); 80 rollout steps, not grpo.py's
-     100, because each takes four optimizer steps: on the world of worked solutions 100 steps took
-     320 s on 2 cores (0.346 -> 0.908 ID, seed 1) and the sampled accuracy had levelled by step 80.
-     The 80-step default, 3 seeds (results.py): 0.914 +- 0.030 ID, 185 s with evaluations every 20 steps.
-     At lr 3e-4 (40 steps) DPPO collapses there (0.083 +- 0.064 ID) where the clip holds 0.453 +- 0.150:
-     the README's DPPO table, with the stale and bf16-sampler regimes.
+Implementation details (as grpo.py's: data, groups, minibatches, normalisers over a step; plus):
+  1. The trust region is anchored to the ROLLOUT: mu's log-probs (for Top-K also its top-K ids and log-probs)
+     are sample()'s, never recomputed; keep --temperature 1 unless the mismatch is what you want to study.
+  2. Divergences (Eqs. 13-16), without gradient: binary_tv |mu(a) - pi(a)| and binary_kl (the vocabulary
+     collapsed to {sampled token, rest}); topk_tv and topk_kl over TopK(mu) U {a_t} (a_t not counted twice)
+     plus an "other" bucket with the rest of the mass (clamped at 1e-12). delta 0.15 for TV, 0.05 for KL (the
+     authors' script); K = 20, capped at the vocabulary size (the tiny world's 18 tokens: exact there).
+  3. Loss as the reference code: -A * sg(min(rho, C)) * M * log pi_theta, C = 10, whose gradient is that of
+     -M rho A (Eq. 11) wherever rho < C. --trust-region clip, the paper's baseline, is GRPO-style "ClipHigher"
+     max(-A rho, -A clip(rho, 1 - 0.2, 1 + 0.28)). Either is a token mean over the optimizer step (grpo.py's
+     --agg token); the authors' verl script takes seq-mean-token-sum-norm (grpo.py's --agg constant).
+  4. Logged for both trust regions (only the selected one acts): clipfrac (tokens the clip cuts: A > 0 and
+     rho > 1 + eps_high, or A < 0 and rho < 1 - eps_low), masked_frac (tokens DPPO's mask zeroes), divergence
+     mean and max, and grpo.py's approx_kl, entropy, reward mean and std, response length.
+  5. --rollout-precision bf16 samples each rollout from the policy's weights rounded to bf16 (restored for the
+     update): mu differs from pi_theta before any update, as with a bf16 inference engine. On a GPU (autocast
+     bf16) it rounds only what autocast leaves in fp32.
+  6. Defaults: 2 minibatches x 2 epochs (four optimizer steps per rollout), so every update after the first is
+     off-policy and the trust region has something to do. The authors' lr 1e-6 and G 16 are for 1B+ models;
+     the tiny world takes grpo.py's 32 prompts x 8, lr 5e-5 (higher did worse on the first world), and 80
+     rollout steps, not 100 (four optimizer steps each; the sampled accuracy had levelled by step 80).
 """
 
 import time
@@ -76,9 +48,9 @@ import torch
 
 from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
-                    load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb, prompt_ids, rank_slice,
-                    read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint, seed_everything, select_rows,
-                    shard_model, warmup_schedule)
+                    load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb,
+                    prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
+                    seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass
@@ -135,8 +107,7 @@ class Args:
     clip_high: float = 0.28
     """baseline: the ratio is clipped from above at 1 + clip_high"""
     rollout_precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32: rollouts from the policy itself; bf16: from a copy with its weights rounded to bf16 (a sampler
-    that differs from the learner, as a bf16 inference engine's does)"""
+    """fp32: rollouts from the policy itself; bf16: from its weights rounded to bf16 (as a bf16 engine's copy)"""
     lr: float = 5e-5
     """peak learning rate"""
     warmup_steps: int = 10
@@ -196,10 +167,9 @@ def binary_divergence(logp, rollout_logp, kind):
 
 
 def topk_divergence(logp_set, rollout_logp_set, kind):
-    """Eqs. 15-16 over a token set (last dim: mu's top-K plus the sampled token) and an "other" bucket
-    with the rest of the mass (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl"
-    sum p_mu log(p_mu / p_pi). Entries of -inf in both (a token listed twice) are zero mass.
-    (B, T, K) -> (B, T)."""
+    """Eqs. 15-16 over a token set (last dim: mu's top-K plus the sampled token) and an "other" bucket with the
+    rest of the mass (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl" sum p_mu log(p_mu / p_pi).
+    Entries of -inf in both (a token listed twice) are zero mass. (B, T, K) -> (B, T)."""
     logp_set, rollout_logp_set = logp_set.detach(), rollout_logp_set.detach()
     p_pi, p_mu = logp_set.exp(), rollout_logp_set.exp()
     other_pi = (1 - p_pi.sum(-1)).clamp(min=1e-12)                            # (B, T)
@@ -234,29 +204,26 @@ def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None
 
 
 def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_tokens=None):
-    """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]:
-    max(-A rho, -A clip(rho)) summed over valid tokens / n_tokens (default: their count, the token
-    mean). All inputs (B, T); mask 1 on valid tokens."""
+    """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]: max(-A rho,
+    -A clip(rho)) summed over valid tokens / n_tokens (default: their count, the token mean). All (B, T)."""
     ratio = torch.exp((logp - rollout_logp) * mask)                                    # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 @contextmanager
+@torch.no_grad()  # each step of the generator; the caller's block keeps its own grad mode
 def rounded_weights(model, dtype):
-    """Within the block, the model's weights hold their values rounded to `dtype` (in their own
-    dtype); after it, their exact values again. A sampler that differs from the learner, as a bf16
-    inference engine's copy of an fp32 policy does."""
+    """Within the block, the model's weights hold their values rounded to `dtype` (in their own dtype); after it,
+    their exact values again. A sampler that differs from the learner, as a bf16 engine's copy of an fp32 policy."""
     exact = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(dtype))
+    for p in model.parameters():
+        p.copy_(p.to(dtype))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, value in zip(model.parameters(), exact):
-                p.copy_(value)
+        for p, value in zip(model.parameters(), exact):
+            p.copy_(value)
 
 
 # ----------------------------------------------------------------------------- training
@@ -295,8 +262,8 @@ def main():
         mine = [rows[i] for i in rank_slice(indices, d) for _ in range(args.group_size)]
         with rounded_weights(model, torch.bfloat16) if args.rollout_precision == "bf16" else nullcontext():
             rollout = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in mine], d,
-                             args.max_new_tokens, args.temperature, topk=topk,
-                             micro_batch_size=args.generation_batch_size, engine=engine)
+                             args.max_new_tokens, args.temperature, micro_batch_size=args.generation_batch_size,
+                             engine=engine, topk=topk)
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
@@ -311,7 +278,7 @@ def main():
             for j in torch.randperm(args.minibatches).tolist():
                 minibatch = list(range(j, len(mine), args.minibatches))
                 # per-process share of the minibatch's normaliser: the gradient all-reduce averages over processes
-                n_tokens = all_sum(mask[minibatch].sum(), d).item() / d.world
+                n = all_sum(mask[minibatch].sum(), d).item() / d.world
                 losses = torch.zeros(1, dtype=torch.float64)
                 for mb in micro_batches(minibatch, args.micro_batch_size):
                     b = select_rows(rollout, mb)
@@ -322,15 +289,12 @@ def main():
                         sampled_ids = b["input_ids"][:, b["prompt_width"]:]
                         divergence = topk_divergence(
                             with_sampled_token(out["gather_logp"].detach(), out["logp"].detach(), b["topk_ids"], sampled_ids),
-                            with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind)
+                            with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind) * m
                     else:
-                        divergence = binary_divergence(out["logp"], rollout_logp[mb], kind)
-                    divergence = divergence * m
+                        divergence = binary_divergence(out["logp"], rollout_logp[mb], kind) * m
                     trust = dppo_mask(out["logp"], rollout_logp[mb], adv, divergence, delta)
-                    if args.trust_region == "dppo":
-                        pg = dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n_tokens)
-                    else:
-                        pg = clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n_tokens)
+                    pg = (dppo_loss(out["logp"], rollout_logp[mb], adv, trust, m, n) if args.trust_region == "dppo" else
+                          clip_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_low, args.clip_high, n))
                     pg.backward()
                     with torch.no_grad():
                         log_ratio = (out["logp"] - rollout_logp[mb]) * m
@@ -338,8 +302,8 @@ def main():
                         losses += pg.double().cpu()
                         clipped = (ratio > 1 + args.clip_high) & (adv > 0) | (ratio < 1 - args.clip_low) & (adv < 0)
                         token_sums += torch.stack([clipped * m, (ratio - 1 - log_ratio) * m,
-                                                   out["entropy"] * m, (1 - trust) * m,
-                                                   divergence]).sum((1, 2)).double().cpu()
+                                                   out["entropy"] * m,
+                                                   (1 - trust) * m, divergence]).sum((1, 2)).double().cpu()
                         divergence_max = max(divergence_max, divergence.max().item())
                 losses = all_sum(losses, d).cpu() / d.world
                 check_finite(losses.sum().item(), step, args.out)

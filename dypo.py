@@ -11,11 +11,7 @@ Objective (the paper's Eq. 4), one loss and one optimizer step:
   L_GAL(q) = mean over (success s, failure f) pairs of the group of
              -log sigmoid(beta * ([log pi(s) - log pi_ref(s)] - [log pi(f) - log pi_ref(f)]))  (Eq. 14)
   L_GRPO(q) = (1/k) sum_i sum_t -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i), A_i = (R_i - mean) / (std
-             + 1e-6): the clipped surrogate at the trajectory scale, on-policy gradient -(1/k) sum_i A_i grad log
-             pi(tau_i | q) (Eq. 12)
-The file descends from grpo.py (`diff grpo.py dypo.py`): rollout, scores, reference, optimizer step and
-log are grpo.py's; the gate, the teacher traces, GAL and one joint micro-batch loop take the place of
-its minibatch epochs; L_GRPO is grpo.py's loss with --beta 0, kept per prompt, each response's tokens summed.
+             + 1e-6); on-policy its gradient is -(1/k) sum_i A_i grad log pi(tau_i | q) (Eq. 12)
 
 Run:
   python dypo.py                                       # tiny world, CPU, a few minutes
@@ -23,45 +19,24 @@ Run:
       --ood-data ood.jsonl --max-new-tokens 1024 --gpus 1
   python dypo.py --gpus 8 ...                          # or: torchrun --nproc-per-node 8 dypo.py ...
 
-Implementation details:
-  1. Data: JSONL with `prompt`, `answer` and `teacher_responses` (a list: one response per teacher;
-     the tiny world has two, from a large and a small teacher). A Hard prompt without teacher
-     responses is skipped, counted (`data/hard_without_teacher`) and warned about once.
-  2. E_q is the mean over all prompts of the step, Easy ones included (they add 0), so the loss
-     does not depend on how the prompts fall into micro-batches or processes.
-  3. Scale: all three terms are sums over tokens, as the paper writes them. L_SFT is the trace's
-     sequence NLL (Eq. 5, EOS included); L_GAL compares sequence log-probs (Eq. 14); L_GRPO sums each
-     response's token surrogates, then averages the k responses ("summation-based RL", App. A.1.4;
-     Eq. 12). grpo.py's per-response token MEAN (`--grpo-agg mean`, this file's reading before issue
-     31) would shrink GRPO's gradient by the response length (~23x on the tiny world) against the
-     others. The advantage std is the unbiased one (torch.std).
-  4. The ratio of GRPO is taken against the log-probs recorded while sampling, and there is one
-     optimizer step per rollout batch, so the update is on-policy and the clip only guards
-     against the numerical gap between sampling and training (bf16 on GPU). policy/clipfrac is the
-     mean over Mid prompts of the share of their tokens whose gradient the clip removes (A > 0 and
-     rho > 1 + eps, or A < 0 and rho < 1 - eps), as grpo.py counts them.
-  5. pi_ref in GAL is the initial policy, a frozen copy (bf16 on GPU, not sharded; with --lora-rank, the
-     policy with its adapters off, no copy) that scores the
-     Mid prompts' responses once per rollout batch, without gradient, --micro-batch-size x k rows at
-     a time (Hard and Easy rows are not scored). GAL's value is computed from log-probs that carry
-     gradient; a test checks that it trains.
-  6. One forward per micro-batch over the Mid prompts' k responses and the Hard prompts' teacher
-     traces together. `--micro-batch-size` counts prompts. A micro-batch with nothing to train
-     runs one zero-weight row, so every process makes the same forward calls under FSDP.
-  7. gamma (the SFT weight) is not given in the paper: 1.0 here (`--sft-weight`).
-  8. The paper's public code differs from the paper; this file follows the paper:
-     (a) the code takes separate optimizer steps for the SFT and RL parts, not one objective;
-     (b) it adds lambda * GAL to a GSPO loss rather than alpha-mixing GAL with GRPO;
-     (c) it uses beta 0.1 and no reference model in GAL (here beta 1 and pi_ref, as Eq. 14);
-     (d) one commit computed GAL from detached log-probs, so GAL had no gradient;
-     (e) normalisation: its RL term is GSPO's, whose ratio is the length-normalised (geometric mean)
-     token ratio, so each response weighs as a token mean; here L_GRPO is a token sum, as Eq. 12.
-  9. Baselines from the same file: `--alpha 1 --sft-weight 0` is plain GRPO (Hard and Easy groups
-     have zero GRPO advantage anyway); the README's SFT-then-RL row runs sft.py on the teacher
-     traces (world/teacher_sft.jsonl) and then that GRPO, for the same number of steps in total.
- 10. The paper's alpha 0.5 and beta 1 are kept. On the tiny world (README: Results, 5 seeds) DYPO ends
-     at 0.864 ID, level with GRPO alone (0.864) and below SFT then RL (0.905) beyond the spread;
-     without GAL (--alpha 1) it reaches 0.905, without SFT 0.762; the earlier token mean 0.678.
+Implementation details (grpo.py's skeleton; one joint micro-batch loop in place of its minibatch epochs):
+  1. Data: JSONL with `prompt`, `answer`, `teacher_responses` (one per teacher; the tiny world has a large and
+     a small one's). A Hard prompt without one is skipped, counted (data/hard_without_teacher), warned once.
+  2. E_q: the mean over all the step's prompts, Easy ones (adding 0) included, whatever the micro-batches.
+  3. Scale: all three terms are token sums, as the paper writes them (L_SFT the trace's NLL, EOS in; L_GAL on
+     sequence log-probs; L_GRPO each response's sum, "summation-based RL", App. A.1.4). grpo.py's per-response
+     MEAN (`--grpo-agg mean`, this file's reading before issue 31) shrinks GRPO by the response length.
+  4. L_GRPO is grpo.py's loss with --beta 0, its ratio against sample()'s log-probs, one step per rollout: on-
+     policy, the clip guards only the sampler-trainer gap (bf16 on GPU). clipfrac: the mean over Mid prompts.
+  5. pi_ref in GAL: grpo.py's frozen reference, scoring only the Mid responses, once per rollout. One forward
+     per micro-batch (--micro-batch-size prompts) over Mid responses and Hard traces; one with nothing to train
+     runs a zero-weight row, so every process makes the same forwards under FSDP.
+  6. The paper's public code differs; this file follows the paper. The code (a) takes separate SFT and RL steps;
+     (b) adds lambda * GAL to a GSPO loss, not alpha-mixing GAL and GRPO; (c) uses beta 0.1 and no reference in
+     GAL (here beta 1 and pi_ref, Eq. 14); (d) once detached GAL's log-probs (no gradient; here they carry it,
+     tested); (e) takes GSPO's length-normalised ratio, each response a token mean (here a sum, Eq. 12).
+  7. The paper's alpha 0.5, beta 1; gamma (--sft-weight, not in the paper) 1. `--alpha 1 --sft-weight 0` is plain
+     GRPO (Hard, Easy groups have zero advantage); the README's SFT-then-RL: sft.py, then that GRPO.
 """
 
 import time
@@ -72,11 +47,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
-                    clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed, load_model,
-                    load_reference, load_tokenizer, logprobs, micro_batches, pad_batch, parse_args, peak_mem_gb,
-                    prompt_ids, rank_slice, read_jsonl, response_ids, reward, rollout_mismatch, run, sample,
-                    save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule)
+from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
+                    check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
+                    load_model, load_reference, load_tokenizer, logprobs, micro_batches, pad_batch, parse_args,
+                    peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, reward, rollout_mismatch, run,
+                    sample, save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule)
 
 
 @dataclass

@@ -11,58 +11,32 @@ averaged over each response's tokens, then over the responses (--agg sequence, E
 all tokens / their count (--agg token, DAPO) or / (responses x --max-new-tokens) (--agg constant, Dr. GRPO).
 
 Run:
-  python grpo.py                                        # tiny world, CPU, about 2.5 minutes
+  python grpo.py                                        # tiny world, CPU, a few minutes
   python grpo.py --model Qwen/Qwen2.5-Math-1.5B --data prompts.jsonl --eval-data test.jsonl --ood-data ood.jsonl \
       --max-new-tokens 1024 --group-size 64 --lr 1e-6   # the paper's G 64, lr 1e-6, beta 0.04
   python grpo.py --beta 0 --agg constant --no-scale-rewards ...  # Dr. GRPO; --beta 0 loads no reference
   python grpo.py --gpus 8 ...                           # or: torchrun --nproc-per-node 8 grpo.py ...
 
-Implementation details:
-  1. Data: JSONL with `prompt` and `answer`; the sequence score is common.reward (1 when the
-     response's last number equals the answer, else 0), the reward of every token of the response.
-  2. Advantages: a group's G responses are adjacent rows of one process's rollout (the prompts, not
-     the responses, are split over processes), so its mean and std are local. The std is the
-     unbiased one (torch.std) plus 1e-6 (the paper gives neither), so an all-right or all-wrong
-     group gets A = 0 and no gradient from the surrogate. --no-scale-rewards drops the division (Dr. GRPO).
-     No whitening over the batch, no discounting: the outcome-supervision case of Sec. 4.1.2.
-  3. The reference is a frozen copy of --model, loaded with load_model(trainable=False) (bf16 on GPU,
-     no gradient, not sharded; with --lora-rank, the policy with its adapters off, no copy) only when
-     --beta > 0; it scores each rollout batch once, micro-batch by micro-batch. It is never updated
-     (the paper's iterative GRPO, Sec. 4.1.3, is not done here).
-  4. mu's log-probs are the ones sample() recorded while drawing the tokens, the ratio's denominator
-     (no recomputation). They are those of the distribution sampled from (logits / temperature), so
-     keep --temperature 1 (the default) for rho_t = 1 at the first update.
-  5. The KL penalty is in the loss, not in the reward (ppo.py's place): the k3 estimator (Schulman
-     2020), unbiased for KL(pi_theta || pi_ref) on samples of pi_theta and never negative, taken
-     at every update with the current log-probs, so it has a gradient.
-  6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
-     --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
-     them; each epoch visits the minibatches in a new random order. One optimizer step each. The
-     default (1 minibatch, 1 epoch: one optimizer step per rollout batch) is the on-policy case:
-     rho = 1 up to numerics and the clip never binds; more minibatches or epochs make every update
-     after the first off-policy, where the clip acts.
-  7. Aggregation (--agg): the loss of an optimizer step (minibatch, all its micro-batches and
-     processes) is the sum of its token losses divided by a normaliser n: "sequence" divides each
-     response's sum by its length and n = the number of responses; "token" n = the number of
-     valid tokens; "constant" n = responses x --max-new-tokens (Dr. GRPO's generation budget, not
-     the rollout's padded width, which changes from step to step). Each micro-batch's loss divides
-     by the minibatch's n (over all processes) / the process count, so micro-batching and processes
-     do not change the gradient. DeepSeekMath has no public training code; in verl's names "sequence"
-     is seq-mean-token-mean and "token" token-mean.
-  8. Logged per rollout step (mean over its updates): clipfrac (the share of tokens whose gradient
-     the clip removes: A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 =
-     (rho - 1) - log rho), entropy, kl_ref (token mean of k3 to the reference, when --beta > 0);
-     per rollout: reward mean, reward std (mean over groups of the group's std), response length.
-  9. Deviations: the paper's values (beta 0.04, lr 1e-6, G 64) are for a 7B model; the tiny-world
-     defaults (32 prompts x 8, lr 5e-5, warm-up 10, beta 0.04, 100 steps) are those of dypo.py's
-     plain-GRPO baseline (`--alpha 1 --sft-weight 0`). On the world of worked solutions, 3 seeds
-     (results.py): ID 0.346 -> 0.855 +- 0.010, OOD 0.360 -> 0.846 +- 0.052, 196 s a run on 2 cores with
-     evaluations every 20 steps (144 s without). On the first world (answers of 2-4 tokens), one run
-     each, seed 1, ID / OOD after: --warmup-steps 5 0.662 / 0.604; --agg token 0.658 / 0.544; --agg
-     constant 0.656 / 0.558; --beta 0 0.640 / 0.498; Dr. GRPO (--beta 0 --agg constant
-     --no-scale-rewards) 0.628 / 0.550; --lr 1e-4 0.620 / 0.564; --minibatches 2 --epochs 2 (off-policy,
-     4 updates per rollout) 0.630 / 0.526 in twice the time: single runs, whose differences of a few
-     points one seed cannot tell from noise.
+Implementation details (as ppo.py's: data, score, reference, mu's log-probs, minibatches; no critic, no GAE):
+  1. Advantages: a group's G responses are adjacent rows of one process's rollout (the prompts, not the
+     responses, are split over processes), so its mean and std are local. The std is torch.std's (unbiased)
+     plus 1e-6 (the paper gives neither): an all-right or all-wrong group gets A = 0. --no-scale-rewards
+     drops the division (Dr. GRPO). No whitening, no discounting: Sec. 4.1.2's outcome supervision.
+  2. The reference is loaded only when --beta > 0 and never updated (no iterative GRPO, Sec. 4.1.3). The KL
+     penalty is in the loss, not in the reward (ppo.py's place): k3 (Schulman 2020), unbiased for
+     KL(pi_theta || pi_ref) on samples of pi_theta and never negative, at every update, with a gradient.
+  3. The default (1 minibatch, 1 epoch: one optimizer step per rollout) is on-policy: rho = 1 up to numerics
+     and the clip never binds; more minibatches or epochs make every update after the first off-policy.
+  4. Aggregation (--agg): a step's loss (minibatch, all its micro-batches and processes) is its token losses'
+     sum / n: "sequence" divides each response's sum by its length, n = responses; "token" n = valid tokens;
+     "constant" n = responses x --max-new-tokens (Dr. GRPO's budget, not the padded width, which varies).
+     Each micro-batch divides by the minibatch's n over all processes / the process count, so micro-batching
+     and processes do not change the gradient. DeepSeekMath has no public training code; verl's names:
+     seq-mean-token-mean ("sequence"), token-mean ("token").
+  5. Logged: ppo.py's clipfrac, approx_kl and entropy, kl_ref (token mean of k3, when --beta > 0); per
+     rollout: reward mean, reward std (mean over groups of the group's std), response length.
+  6. Deviations: the paper's beta 0.04, lr 1e-6, G 64 are for a 7B model; the tiny-world defaults (32 prompts
+     x 8, lr 5e-5, warm-up 10, beta 0.04, 100 steps) are dypo.py's plain GRPO's (`--alpha 1 --sft-weight 0`).
 """
 
 import time
@@ -282,7 +256,8 @@ def main():
                         clipped = (ratio > 1 + args.clip_eps) & (A > 0) | (ratio < 1 - args.clip_eps) & (A < 0)
                         kl_ref = torch.zeros_like(m) if ref is None else kl_k3(out["logp"] * m, ref * m)
                         token_sums += torch.stack([clipped * m, (ratio - 1 - log_ratio) * m,
-                                                   out["entropy"] * m, kl_ref * m]).sum((1, 2)).double().cpu()
+                                                   out["entropy"] * m,
+                                                   kl_ref * m]).sum((1, 2)).double().cpu()
                 losses = all_sum(losses, d).cpu() / d.world
                 check_finite(losses.sum().item(), step, args.out)
                 grad_norms = [clip_grad(model, args.max_grad_norm)]
@@ -292,7 +267,8 @@ def main():
                 update_sums += torch.cat([losses, torch.tensor(grad_norms, dtype=torch.float64)])
         loss, grad_norm = (update_sums / (args.epochs * args.minibatches)).tolist()
         rollout_tokens = all_sum(mask.sum(), d).item()
-        clipfrac, approx_kl, entropy, kl_ref = (all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
+        clipfrac, approx_kl, entropy, kl_ref = (
+            all_sum(token_sums, d) / (args.epochs * rollout_tokens)).tolist()
         n_responses = args.prompts_per_step * args.group_size
         evals = None
         if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share

@@ -20,28 +20,23 @@ Implementation details:
   2. Rollouts: `group_size` samples per prompt (4, the recipe's), at temperature 1 from the current
      student, whose log-probs log mu are recorded as each token is drawn. One optimizer step per
      rollout batch, so exp(log pi_theta - log mu) is 1 in value (up to numerics) and the loss's
-     gradient is the REINFORCE gradient sum_t r_t grad log pi_theta(y_t|s_t).
+     gradient is the REINFORCE gradient sum_t r_t grad log pi_theta(y_t|s_t). Sampling is at
+     temperature 1 only: the reward and the importance ratio take the sampler to be the student itself.
   3. The teacher scores the sampled tokens in one no-grad forward (micro-batch by micro-batch). It
      never trains: frozen, bf16 on GPU, not sharded (each process holds a whole copy), and with
      --offload-teacher it waits on the CPU between uses. Teacher and student must share the
      tokenizer (vocabulary and special ids): the run refuses a teacher whose tokenizer differs.
-  4. Each token's advantage is its own K1 reward (discount 0, the recipe's default): no sum over
-     the later tokens, no baseline, no normalisation. The loss is the token mean of the optimizer
-     step (see the objective); opd_loss is the token mean of one micro-batch and the loop weights
-     it by that micro-batch's share of the step's tokens, so the loss and its gradient are the same
-     for any micro-batch size and process count. The recipe's Tinker loss (importance_sampling) is a
-     SUM over the batch's tokens: the same direction, a step larger by the token count.
+  4. Each token's advantage is its own K1 reward (discount 0, the recipe's default): no sum over the later
+     tokens, no baseline, no normalisation. The loss is the step's token mean (each micro-batch divides by
+     the step's token count), the same for any micro-batch size and process count. The recipe's Tinker loss
+     (importance_sampling) is a SUM over the batch's tokens: the same direction, a step larger by the count.
   5. Logged: distill/reverse_kl (the K1 estimate of the per-token reverse KL, the mean of
      log mu - log pi_T over response tokens; train/loss equals it while the ratio is 1),
      rollout/reward_mean (accuracy of the samples), rollout/response_length. The teacher's greedy
      accuracy is printed once at start-up, for reference, and written to summary.json.
-  6. Tiny-world choice: lr 1e-4, picked on the tiny world (3e-4 and 1e-3 destabilise it: ID
-     accuracy 0.26 and 0.00 after 100 steps of 32 prompts); real models want smaller rates.
-     80 steps of 64 prompts x 4: on the world of worked solutions 100 steps took 295 s on 2 cores
-     (0.346 -> 0.950 ID, seed 1), at the 5-minute bound, and the samples' accuracy had levelled; the
-     80 steps, 3 seeds (results.py): 0.946 +- 0.004 ID, 177 s with evaluations every 20 steps.
-     Sampling is at temperature 1 only: the reward and the importance ratio take the sampler
-     to be the student itself.
+  6. Tiny-world choices: lr 1e-4, picked on the tiny world (higher rates destabilise it); real models
+     want smaller rates. 80 steps of 64 prompts x 4, within minutes on 2 cores, by when the samples'
+     accuracy had levelled.
 """
 
 import time
@@ -129,9 +124,9 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
-def opd_advantage(student_logp, teacher_logp):
+def opd_advantage(rollout_logp, teacher_logp):
     """Per-token K1 reverse-KL reward, used as the advantage: log pi_T - log mu. Both (B, R); (B, R)."""
-    return teacher_logp - student_logp
+    return teacher_logp - rollout_logp
 
 
 def opd_loss(logp, rollout_logp, advantages, mask, n_tokens=None):

@@ -24,32 +24,19 @@ Run:
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --offload-teacher
   python opd_plus.py --gpus 8 ...                     # or: torchrun --nproc-per-node 8 opd_plus.py ...
 
-Implementation details:
-  1. Data: JSONL with `prompt` and `answer`. The answer is used only to log the accuracy of the
-     samples (rollout/reward_mean); the loss sees nothing but the teacher's log-probs.
-  2. Rollouts: `group_size` samples per prompt (4), at temperature 1 from the current student,
-     whose log-probs log mu are recorded as each token is drawn; u is computed with them (mu is
-     pi_theta at sampling time). One optimizer step per rollout batch.
-  3. The teacher scores the sampled tokens in one no-grad forward (micro-batch by micro-batch),
-     frozen, bf16 on GPU, not sharded, on the CPU between uses with --offload-teacher; its
-     tokenizer must be the student's.
-  4. Each token's advantage is its own w_f(u_t) (discount 0), no baseline, no normalisation;
-     token mean over the optimizer step, as in opd.py (the paper does not state its aggregation).
-  5. Logged: distill/reverse_kl (K1, as in opd.py, comparable across divergences),
-     distill/f_divergence (the token mean of f(u): the estimate of the divergence trained on),
-     rollout/reward_mean, rollout/response_length; the teacher's accuracy once, for reference.
-  6. log u is clipped to [-6, 6] (--log-u-clip) before f and w_f are applied: forward KL's
-     advantage u is unbounded (the clip keeps it under e^6 = 403), and so is chi2's u^2. The clip
-     is the one difference between `--divergence rkl --stop-gradient` and opd.py.
-  7. rkl, fkl and jsd are the paper's; tv and chi2 are extensions (unverified as its own). The
-     formulas are restated above in full; the paper's equation numbers are not cited, as only its
-     abstract was available when this file was written.
-  8. Tiny-world choice: the default divergence (jsd) and learning rate (1e-4, as opd.py) were
-     picked on the first tiny world (answers of 2-4 tokens), where jsd gave the best ID accuracy;
-     with --stop-gradient, fkl and jsd collapsed there (accuracy 0), as the paper reports at scale,
-     and on the world of worked solutions too (0.000 on every one of 3 seeds; README).
-     80 steps as opd.py (on the world of worked solutions 100 took 248 s: 0.346 -> 0.958 ID, seed 1;
-     the 80, 3 seeds with results.py: 0.957 +- 0.002 ID, 139 s with evaluations every 20 steps).
+Implementation details (as opd.py's: data, rollouts, teacher, token mean over the step; plus):
+  1. u takes the log-probs log mu recorded while sampling (mu is pi_theta then). Each token's advantage is its
+     own w_f(u_t) (discount 0), no baseline, no normalisation (the paper does not state its aggregation).
+  2. Logged: distill/reverse_kl (K1, as opd.py, comparable across divergences), distill/f_divergence (the
+     token mean of f(u): the estimate of the divergence trained on), and opd.py's other metrics.
+  3. log u is clipped to [-6, 6] (--log-u-clip) before f and w_f: forward KL's advantage u is unbounded (the
+     clip keeps it under e^6 = 403), and so is chi2's u^2. The clip is the one difference between
+     `--divergence rkl --stop-gradient` and opd.py.
+  4. rkl, fkl and jsd are the paper's; tv and chi2 are extensions (unverified as its own). The formulas are
+     restated above in full; the paper's equation numbers are not cited, as only its abstract was available.
+  5. Tiny-world choices: jsd and lr 1e-4 (as opd.py), picked on the first tiny world (answers of 2-4 tokens),
+     where jsd gave the best ID accuracy and, with --stop-gradient, fkl and jsd collapsed, as the paper
+     reports at scale; 80 steps as opd.py.
 """
 
 import math

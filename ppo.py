@@ -1,6 +1,5 @@
-"""Proximal Policy Optimization for language models, RLHF-style, with a critic (Schulman et al. 2017,
-arXiv 1707.06347; Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details of RLHF with
-PPO", arXiv 2403.17031).
+"""Proximal Policy Optimization for language models, RLHF-style, with a critic (Schulman et al. 2017, arXiv
+1707.06347; Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details of RLHF with PPO", arXiv 2403.17031).
 
 Objective: sample G responses per prompt from the policy; per-token reward r_t = -beta * (log mu(y_t) -
 log pi_ref(y_t)) plus the 0/1 answer reward at the last token; GAE advantages from a learned critic;
@@ -15,43 +14,29 @@ Run:
   python ppo.py --gpus 8 ...                            # or: torchrun --nproc-per-node 8 ppo.py ...
 
 Implementation details:
-  1. Data: JSONL with `prompt` and `answer`; the sequence score is common.reward (1 when the
-     response's last number equals the answer, else 0), added at the last response token.
-  2. The critic is a separate copy of the policy's trunk (its decoder, initialised from --model) with
-     a zero-initialised scalar head: V(s_t) is read from the hidden state that predicts y_t. Separate,
-     not a head on the policy, so the value loss never moves the policy's features and no value-loss
-     coefficient has to balance the two (as in Ouyang et al. and Huang et al., whose critic is a
-     separate model). Its cost is a second trainable model; under --gpus N it is sharded like the
-     policy. Policy and critic share one AdamW with two parameter groups (--lr, --critic-lr) and
-     have their gradient norms clipped separately.
-  3. The reference is a frozen copy of --model, loaded with load_model(trainable=False) (bf16 on GPU,
-     no gradient, not sharded); with --lora-rank, the policy with its adapters off (no copy). It scores
-     each rollout batch once, micro-batch by micro-batch. With LoRA the critic's trunk gets adapters too
-     (its value head trains whole).
-  4. mu's log-probs are the ones sample() recorded while drawing the tokens, used both in the KL
-     penalty and as the ratio's denominator (no recomputation). They are those of the distribution
-     sampled from (logits / temperature), so keep --temperature 1 (the default) for rho_t = 1 at
-     the first update.
-  5. GAE with gamma 1, lambda 0.95 (Huang et al.), over response tokens only, the value after the
-     last token 0; returns = advantages + values; the advantages are then whitened (mean and
-     variance over every valid token of the global rollout batch, all processes).
-  6. Minibatches: minibatch j of the rollout batch holds the responses whose index is j modulo
-     --minibatches, so it is the same set of responses on 1 or N processes and splits evenly over
-     them; each epoch visits the minibatches in a new random order. One optimizer step each.
-  7. Token mean over the optimizer step (minibatch), over all its micro-batches and processes, as
-     TRL's PPOTrainer (a masked mean per minibatch); OpenAI's lm-human-preferences code samples
-     fixed-length responses, where the token mean and the per-response mean coincide.
-  8. Logged per rollout step (mean over its updates): clipfrac (the share of tokens whose gradient
-     the clip removes: A > 0 and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 =
-     (rho - 1) - log rho), entropy, value loss, value clipfrac; per rollout: reward mean, response
-     length, KL to the reference (token mean of log mu - log pi_ref), explained variance of the
-     critic's values for the returns.
-  9. Tiny-world defaults were tuned on the ID split of the first world (answers of 2-4 tokens): 64
-     prompts x 4 at lr 1e-4 (32 x 8 and lr 2e-4 did worse). On the world of worked solutions a step
-     costs about five times as much (four updates of policy and critic over 25-token responses), so
-     the default is 20 rollout steps, not 60: seed 1 reached 0.80 greedy ID accuracy at step 20
-     (0.86 at step 30) from 0.35. On real models use learning rates like the example's (Huang et
-     al. use 3e-6).
+  1. Data: JSONL with `prompt` and `answer`; the score is common.reward (1 when the response's last
+     number equals the answer, else 0), added at the last response token.
+  2. The critic: a separate copy of the policy's trunk (from --model) with a zero-initialised scalar head, V(s_t)
+     read from the hidden state that predicts y_t. Separate (as Ouyang et al., Huang et al.): the value loss
+     never moves the policy's features and needs no coefficient. Sharded like the policy, LoRA under --lora-rank
+     (its head trains whole); one AdamW, two parameter groups (--lr, --critic-lr), gradient norms clipped apart.
+  3. The reference is a frozen copy of --model (load_model(trainable=False): bf16 on GPU, not sharded; with
+     --lora-rank the policy with its adapters off, no copy); it scores each rollout batch once.
+  4. mu's log-probs are those sample() recorded while drawing the tokens, of logits / temperature, used in the
+     KL penalty and as the ratio's denominator (no recomputation): keep --temperature 1 for rho_t = 1 at first.
+  5. GAE with gamma 1, lambda 0.95 (Huang et al.) over response tokens, the value after the last token 0;
+     returns = advantages + values; advantages whitened over every valid token of the global rollout batch.
+  6. Minibatch j holds the responses whose index is j modulo --minibatches (the same set on 1 or N processes,
+     split evenly); each epoch visits them in a new random order, one optimizer step each. Token mean over
+     the step (all its micro-batches and processes), as TRL's PPOTrainer; OpenAI's lm-human-preferences
+     samples fixed-length responses, where token and per-response means coincide.
+  7. Logged per rollout step (mean over its updates): clipfrac (tokens whose gradient the clip removes: A > 0
+     and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 = (rho - 1) - log rho), entropy, value loss
+     and clipfrac; per rollout: reward mean, response length, kl_ref (token mean of log mu - log pi_ref), and
+     the critic's explained variance for the returns.
+  8. Tiny-world defaults: 64 prompts x 4 at lr 1e-4, tuned on the ID split of the first world (answers of
+     2-4 tokens); 20 rollout steps, not that world's 60, as each costs four updates of policy and critic over
+     longer responses. On real models use rates like the example's (Huang et al. use 3e-6).
 """
 
 import time

@@ -140,8 +140,8 @@ def main():
         evals = None
         if args.eval_every and step % args.eval_every == 0:  # greedy ID and OOD accuracy, each process its share
             evals = evaluate_splits(model, tokenizer, args, d)
-        log.log(step, {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
+        log.log(step, {"train/loss": loss, "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
             ckpt.save(step)

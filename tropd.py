@@ -1,11 +1,10 @@
 """Trust Region On-Policy Distillation, TrOPD (Xing, Wang, Gao, Li, Tang 2026, arXiv 2606.01249).
 
-On-policy distillation (opd.py) with two changes. (1) A trust region per sampled token: the K1
-reward log(pi_T/pi_S) explodes where the teacher gives a student token almost no mass, so each
-token is trusted with probability min(pi_T/pi_S, 1) (the speculative-decoding acceptance test);
-trusted tokens keep the OPD advantage, untrusted ones ("outliers") get a bounded one. (2) Off-policy
-guidance: one extra sample per prompt starts from a prefix of a teacher response, which shrinks on
-a cosine schedule to nothing; the student continues on-policy after it. Objective (the paper's Eq. 13):
+On-policy distillation (opd.py) with two changes. (1) A trust region per sampled token: the K1 reward
+log(pi_T/pi_S) explodes where the teacher gives a student token almost no mass, so each token is trusted with
+probability min(pi_T/pi_S, 1) (the speculative-decoding acceptance test); trusted tokens keep the OPD advantage,
+untrusted ones ("outliers") get a bounded one. (2) Off-policy guidance: one extra sample per prompt starts from a
+teacher response's prefix, shrinking on a cosine schedule to nothing. Objective (the paper's Eq. 13):
   J = - 1[y~pi_S] (1-M) sum_{v in TopK(pi_T)} p_T,v log(p_T,v / p_S,v)     (outliers, top-K forward KL)
       - 1[y~pi_S] M log(pi_S / pi_T)                                     (trusted: OPD)
       - beta 1[y~pi_T] log(pi_T / pi_S)                                  (teacher prefix tokens)
@@ -18,42 +17,26 @@ Run:
       --eval-data test.jsonl --ood-data ood.jsonl --max-new-tokens 1024 --lr 5e-6 --offload-teacher
   python tropd.py --gpus 8 ...                        # or: torchrun --nproc-per-node 8 tropd.py ...
 
-Implementation details (most of the paper's details come from secondary write-ups: each is an option):
-  1. Data: JSONL with `prompt` and `answer`, and optionally `teacher_responses` (a list): the guided
-     sample's prefix comes from its first element (in the tiny world, teacher_large's greedy
-     response, the default --teacher). Prompts without one get a response sampled from the teacher
-     at the step (temperature 1).
-  2. Trust: M_t ~ Bernoulli(min(pi_T(y_t)/mu(y_t), 1)), with mu the student's log-prob recorded while
-     sampling. One uniform per token of the global batch (seeded), so 1 and N processes agree. Some
-     write-ups describe a deterministic test (trusted where pi_T >= pi_S); this file keeps the draw.
-  3. Outliers (`--outlier`): `fkl` (default) adds to the loss Eq. 13's forward KL from the teacher's
-     top-K (K=64, `--top-k`) to the student, both renormalised over those K ids, differentiated through
-     the student's K log-probs (it pulls the student toward the tokens the teacher wanted); `mask`:
-     nothing; `clip`: the advantage max(log(pi_T/pi_S), --clip-tau); `fkl-advantage`: minus that KL,
-     detached, as the sampled token's advantage (this file's reading before issue 31, kept to show
-     what it cost: it only pushes the sampled outlier down). On the tiny world (18 tokens) the top-K is
-     the whole vocabulary. There (README: Results, 3 seeds) fkl ends within the spread of OPD, mask
-     and fkl-advantage, and below clip beyond it: it trains the outliers' KL down at a cost to the
-     student's own tokens.
-  4. Guidance: each prompt adds one sample whose first floor((1 + cos(pi t / T)) / 2 * L) tokens are
-     the teacher response's (L tokens with EOS; t the step counting from 0, T = --guide-steps), so
-     step 1 trains on the whole teacher response and guidance is gone after T steps.
-  5. The prefix term, read from Eq. 13: the write-ups give it as an "advantage beta (log pi_S -
-     log pi_T)", but the tokens come from the teacher, not the student, and the gradient of
-     -beta log(pi_T/pi_S) for fixed y ~ pi_T is beta grad log pi_S(y_t). So prefix tokens get the
-     direct loss -beta log pi_S(y_t) (the sampled forward-KL / NLL term), beta = 0.001, per token.
-  6. Token mean over every response token of the optimizer step (on-policy and prefix): the OPD,
-     outlier-KL and prefix terms share that one denominator, as the write-ups' token-mean aggregation.
-  7. The teacher scores each micro-batch in one no-grad forward that also returns its top-K; the
-     student's log-probs at those K ids come from its own training forward (no second pass).
-  8. Logged: trust/trusted_fraction, trust/outlier_advantage and trust/outlier_kl (means over outlier
-     tokens; the KL is the top-K forward KL whatever --outlier is),
-     guide/prefix_fraction (prefix tokens / teacher response tokens), distill/reverse_kl (K1, on the
-     student's own tokens), rollout/reward_mean (accuracy of the on-policy samples), as opd.py.
-  9. Tiny-world choice: lr 1e-4 and 80 steps as opd.py, for a side-by-side on the same budget (the
-     guidance shrinks over all 80: --guide-steps 80; 0.935 +- 0.009 ID over 3 seeds, about 4 minutes
-     a run on one CPU thread); the paper uses 5e-6 at scale. Compared there against OPD, EOPD and
-     REOPOLD; only OPD is reproduced here.
+Implementation details (as opd.py's, plus; most come from secondary write-ups, each an option):
+  1. Data: as opd.py's, plus optional `teacher_responses`: the guided prefix comes from the first (in the tiny
+     world, teacher_large's greedy response); prompts without one get a teacher sample at the step (temp. 1).
+  2. Trust: M_t ~ Bernoulli(min(pi_T(y_t)/mu(y_t), 1)), mu recorded while sampling; one seeded uniform per token
+     of the global batch (1 and N processes agree). Not the write-ups' deterministic test (pi_T >= pi_S).
+  3. Outliers (`--outlier`): `fkl` (default) adds Eq. 13's forward KL from the teacher's top-K (K=64, --top-k;
+     the tiny world's whole vocabulary) to the student, both renormalised over the K, with gradient through the
+     student's K log-probs; `mask`: nothing; `clip`: the advantage max(log(pi_T/pi_S), --clip-tau); `fkl-advantage`:
+     minus that KL, detached, as the advantage (the reading before issue 31: it only pushes the outlier down).
+  4. Guidance: each prompt adds one sample whose first floor((1 + cos(pi t / T)) / 2 * L) tokens are the teacher
+     response's (L with EOS; t the step from 0, T = --guide-steps): all of it at step 1, none after T steps.
+  5. The prefix term, read from Eq. 13: the write-ups give it as an "advantage beta (log pi_S - log pi_T)", but
+     the tokens are the teacher's, and the gradient of -beta log(pi_T/pi_S) for fixed y ~ pi_T is beta grad log
+     pi_S(y_t); so prefix tokens get the direct loss -beta log pi_S(y_t), beta = 0.001, per token.
+  6. One token mean over all the step's response tokens (on-policy and prefix) for all three terms, as the
+     write-ups'. The teacher's forward also returns its top-K ids; the student's at them: its training forward.
+  7. Logged: trust/trusted_fraction, trust/outlier_advantage and trust/outlier_kl (over outliers; the top-K KL
+     whatever --outlier is), guide/prefix_fraction (of teacher tokens), opd.py's metrics on the student's samples.
+  8. Tiny world: lr 1e-4 and 80 steps as opd.py, one budget side by side (--guide-steps 80); the paper uses 5e-6
+     at scale, against OPD, EOPD and REOPOLD (only OPD is reproduced here).
 """
 
 import math
@@ -354,8 +337,8 @@ def main():
                        "guide/prefix_fraction": n_prefix / n_teacher,
                        "rollout/reward_mean": reward_sum / n_seqs, "rollout/response_length": policy_length / n_seqs,
                        "rollout/truncated": truncated / n_seqs,
-                       "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
-                       "sys/peak_mem_gb": peak_mem_gb(d.device),
+                       "train/grad_norm": grad_norm,
+                       "train/lr": scheduler.get_last_lr()[0], "sys/peak_mem_gb": peak_mem_gb(d.device),
                        **rollout_mismatch(rollout, d)}, evals)
         stop = ckpt.sigterm()  # a SIGTERM reached any process: save the state, then exit
         if stop or args.save_every and step % args.save_every == 0:
