@@ -209,9 +209,14 @@ def lock_out(out, check_only=False):
     run on the folder stops at start-up, a dead run's does not block it. check_only: only stop if another
     process holds it."""
     path = (Path(out) / LOCK).resolve()
-    if path in _held or check_only and not path.exists():
+    if path in _held:
         return
-    f = open(path, "r" if check_only else "a+")
+    try:
+        f = open(path, "r" if check_only else "a+")
+    except OSError:
+        if check_only:  # no lock file (or none this process may read): no live run holds the folder
+            return
+        raise
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -565,7 +570,8 @@ def warmup_schedule(optimizer, warmup_steps):
 
 
 def full_state(model, d, cpu_offload):
-    """The trained model's state dict, under FSDP gathered: on every process, or with cpu_offload on rank 0, in CPU memory."""
+    """The trained model's state dict; under FSDP gathered: on every process, or with cpu_offload on rank 0
+    only, in CPU memory."""
     if d.world == 1:
         return model.lm.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -710,7 +716,6 @@ class LogprobModel(nn.Module):
                   for i in range(0, len(flat_t), rows)]
         out = {k: torch.cat([c[k] for c in chunks]).unflatten(0, targets.shape) for k in chunks[0]}  # (B, R, ...)
         return out if len(out) > 1 else out["logp"]
-
 
 
 def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
@@ -1132,8 +1137,9 @@ class VLLM:
                                                            use_tqdm=False)]
         tokens = [torch.tensor(o.token_ids, dtype=torch.long) for o in outputs]
         logp = [torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)]) for o in outputs]
-        pad = lambda rows: nn.utils.rnn.pad_sequence(rows, batch_first=True).to(d.device)  # noqa: E731  (b, steps)
-        return dict(tokens=pad(tokens), logp=pad(logp), valid=pad([torch.ones_like(t, dtype=torch.bool) for t in tokens]))
+        valid = [torch.ones_like(t, dtype=torch.bool) for t in tokens]
+        return {k: nn.utils.rnn.pad_sequence(v, batch_first=True).to(d.device)  # (b, steps), right-padded
+                for k, v in dict(tokens=tokens, logp=logp, valid=valid).items()}
 
 
 def rollout_mismatch(rollout, d):
@@ -1495,7 +1501,8 @@ class Checkpointer:
                                  f"and on SIGTERM)")
         mine = self.identity
         if state["method"] != mine["method"]:
-            raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, not {mine['method']}.py")
+            raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, "
+                            f"not {mine['method']}.py")
         if state["processes"] != mine["processes"]:
             raise UserError(f"--resume: the state in {out} was written by {state['processes']} process(es) and "
                             f"resumes on as many (--gpus {state['processes']}), not on {mine['processes']}")
@@ -1526,9 +1533,11 @@ class Checkpointer:
         tied = ({n for n, _ in self.modules.named_parameters(remove_duplicate=False)}
                 - {n for n, _ in self.modules.named_parameters()})
         model_state = get_model_state_dict(self.modules)
-        optim_state = get_optimizer_state_dict(self.modules, self.optimizer) if with_optimizer else None
-        tensors = {"model": {k: v for k, v in model_state.items() if k not in tied},
-                   **({"optimizer": optim_state["state"]} if with_optimizer else {})}
+        tensors = {"model": {k: v for k, v in model_state.items() if k not in tied}}
+        optim_state = None
+        if with_optimizer:
+            optim_state = get_optimizer_state_dict(self.modules, self.optimizer)
+            tensors["optimizer"] = optim_state["state"]
         return tensors, model_state, optim_state
 
     def save(self, step):
@@ -1549,8 +1558,9 @@ class Checkpointer:
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
                 save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / "sharded"), save_distributed=True),
                      no_dist=self.d.world == 1)
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                   **({"cuda": torch.cuda.get_rng_state(self.d.device)} if self.d.device.type == "cuda" else {})}
+            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+            if self.d.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
             carried = {k: v.get_state() if isinstance(v, torch.Generator) else v.detach().cpu().clone()
                        for k, v in self.carried.items()}
             torch.save({"rng": rng, "carried": carried}, folder / f"rng-{self.d.rank}.pt")
@@ -1588,7 +1598,8 @@ class Checkpointer:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")), no_dist=self.d.world == 1)
+                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")),
+                     no_dist=self.d.world == 1)
         except (Exception, CheckpointException) as e:  # damage the start-up checks cannot see (bytes, not lengths)
             raise UserError(f"--resume: the state {folder} cannot be loaded ({type(e).__name__}: {_first_line(e)})")
         set_model_state_dict(self.modules, model_state)  # (the tied entries share the loaded tensors)
