@@ -77,16 +77,13 @@ RANGES = {
     "seed": "[0, 4294967295]", "lora_rank": ">= 0", "lora_alpha": "> 0", "vllm_memory": "(0, 1)",
 }
 
-_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-
-
 def in_range(value, spec):
     """Whether a number is finite and within `spec`: ">= 1", "> 0", "<= 0", "[0, 1]", "(0, 1]", ..."""
     if isinstance(value, float) and not math.isfinite(value):
         return False
-    op, _, bound = spec.partition(" ")
-    if op in _COMPARE:
-        return _COMPARE[op](value, float(bound))
+    if spec[0] not in "[(":
+        op, bound = spec.split()
+        return {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}[op](value, float(bound))
     lo, hi = (float(x) for x in spec[1:-1].split(","))
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
@@ -103,10 +100,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(cls, argv=None):
-    """An argparse CLI from the `Args` dataclass `cls`: `--field-name value`, booleans as `--flag/--no-flag`,
-    a `Literal[...]` field as a choice, help from the docstring under each field, a flag's older spelling
-    where `cls.aliases` names it ({field: "--old"}). Then checked, before anything loads: each numeric
-    value against its range (`flag_ranges`), each choice, the paths (`check_paths`)."""
+    """An argparse CLI from the `Args` dataclass `cls` (booleans as `--flag/--no-flag`, a `Literal` as a choice,
+    `cls.aliases` {field: "--old"} an older spelling), each value then checked before anything loads."""
     parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs, allowed, aliases = _field_docs(cls), flag_ranges(cls), getattr(cls, "aliases", {})
@@ -167,10 +162,8 @@ def _open_data(path):
 
 
 def check_paths(args):
-    """The paths an Args names, by field name, checked before any model loads or anything is written:
-    the JSONL files can be read, and the test splits are (a bad record stops the run here, not after
-    training); --model and --teacher are not files, and a --teacher folder holds weights; --out is a
-    folder or can be created, and no other run holds it."""
+    """Before any model loads: the JSONL files read (the test splits in full), --model and --teacher are not
+    files (a --teacher folder holds weights), --out is a folder we may write that no other run holds."""
     names = {f.name for f in dataclasses.fields(args)}
     if "data" in names:
         _open_data(args.data).close()
@@ -205,9 +198,8 @@ _held = {}      # the locks this process holds, by path
 
 
 def lock_out(out, check_only=False):
-    """Take the run folder's lock, held until run() returns or the process ends, however it ends: a second
-    run on the folder stops at start-up, a dead run's does not block it. check_only: only stop if another
-    process holds it."""
+    """Take the run folder's lock until run() returns or the process ends (a dead run's does not block);
+    check_only: only stop if another process holds it."""
     path = (Path(out) / LOCK).resolve()
     if path in _held:
         return
@@ -241,9 +233,8 @@ VERBOSE = "POSTTRAIN_VERBOSE"  # =1: the libraries' own progress bars, logs and 
 
 
 def quiet_libraries():
-    """Silence transformers' and huggingface_hub's progress bars and logs, and Python warnings, unless
-    VERBOSE=1 or the user chose warning filters (python -W, PYTHONWARNINGS: the tests make deprecations
-    errors). Through the environment it holds in the processes --gpus N starts too."""
+    """Silence the libraries' progress bars and logs, and Python warnings, unless VERBOSE=1 or the user chose
+    warning filters (python -W, PYTHONWARNINGS: the tests make deprecations errors)."""
     if os.environ.get(VERBOSE) == "1":
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -289,9 +280,8 @@ class Dist:
 
 
 def init_distributed(gpus):
-    """Set up this process: under torchrun (RANK in the environment) join the group; with --gpus N > 1,
-    re-launch this command as N processes with torchrun's variables and exit with their status (so both
-    paths run the same code). One process per GPU with NCCL; without CUDA, CPU processes with gloo."""
+    """Under torchrun (RANK set) join the group; with --gpus N > 1 re-launch this command as N processes with
+    torchrun's variables and exit with their status. NCCL, one process per GPU; without CUDA, gloo on CPU."""
     if "RANK" not in os.environ and gpus > 1:
         if torch.cuda.is_available() and gpus > torch.cuda.device_count():
             raise UserError(f"--gpus {gpus} asks for more GPUs than the {torch.cuda.device_count()} visible")
@@ -354,8 +344,9 @@ def rank_slice(items, d):
 
 
 def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
-    """Check that a global batch splits into processes and micro-batches; returns the micro-batch size
-    to use: --micro-batch-size, or a process's share when that is smaller (defaults work on any --gpus)."""
+    """The micro-batch size to use once a global batch is checked to split into processes and micro-batches:
+    --micro-batch-size, or a process's share when that is smaller (defaults work on any --gpus)."""
+
     if batch_size % d.world:
         raise UserError(f"--{what.replace('_', '-')} {batch_size} does not divide by the {d.world} processes")
     per_rank = batch_size // d.world
@@ -1297,19 +1288,34 @@ class Tracker:
 class Logger:
     """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; evaluations
     (evaluate_splits()) printed, a step's added to its line, their first greedy responses to
-    <out>/completions.jsonl; all of it to the --report-to tracker (Tracker). The files and the tracker
-    take lines from start() on (a resumed run first cuts them back to its state's step); what comes
-    before waits in `completions` and `to_report`."""
+    <out>/completions.jsonl; all of it to the --report-to tracker (Tracker). Created after the
+    Checkpointer (`ckpt`): a resumed run cuts the files back to its state's step and continues its tracker run."""
 
-    def __init__(self, out, d, total_steps, args):
-        self.d, self.out, self.args, self.total = d, Path(out), args, total_steps
+    def __init__(self, args, d, ckpt):
+        self.d, self.out, self.args, self.total = d, Path(args.out), args, args.steps
+        self.first = ckpt.state["step"] if ckpt.state else 0  # the step the loop continues after
         self.bar = self.tracker = self.last_scores = None
-        self.warned_truncation, self.completions, self.to_report = False, [], []
-        if d.main:
-            if not args.resume:  # a resumed run keeps the lines up to its state's step (start())
-                self._write("metrics.jsonl", "")
-                self._write("completions.jsonl", "")
-            self._write("args.json", json.dumps(dataclasses.asdict(args), indent=2))
+        self.warned_truncation = False
+        if not d.main:
+            return
+        self._write("args.json", json.dumps(dataclasses.asdict(args), indent=2))
+        # a resumed run keeps the lines up to its state's step and drops the later ones, which the killed run
+        # may have logged after its last state, and the responses of a finished run's evaluation after
+        # training, unless --eval-every scores that step too
+        scored = args.eval_every and self.first % args.eval_every == 0
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            path, kept = self.out / name, []
+            for line in (path.read_text().splitlines() if self.first and path.exists() else []):
+                try:
+                    at = json.loads(line)["step"]
+                    if at < self.first or at == self.first and (scored or name == "metrics.jsonl"):
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    pass
+            self._write(name, "".join(kept))
+        if args.report_to != "none":  # (the run id is kept in the training state)
+            run_id = ckpt.values.setdefault("tracker_run", f"{random.SystemRandom().getrandbits(32):08x}")
+            self.tracker = Tracker(args.report_to, args, run_id, self.first)
 
     def _write(self, name, text, mode="w"):
         """Write (or append) a file of the run folder; an OS error (a full disk, ...) stops the run with one line."""
@@ -1347,12 +1353,15 @@ class Logger:
             for c in scores["completions"][:2]:
                 self.print(f"  {c['prompt']} -> {c['response']}  ({'right' if c['reward'] else 'wrong'})")
         self.warn_truncation(max(scores["truncated"], scores["ood_truncated"]), "the greedy evaluation responses")
-        if self.d.main and scores is not self.last_scores:  # the summary's may be the last step's, written
+        # once (the summary's scores may be the last step's, written), and in a resumed run not the evaluation
+        # before training again
+        if self.d.main and scores is not self.last_scores and step >= self.first:
             self.last_scores = scores
-            self.completions += [json.dumps({"step": step, **c}) + "\n" for c in scores["completions"]]
-            accuracies = {"eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
-            self.to_report.append((step, {} if when.startswith("step") else accuracies, scores["completions"]))
-            self._flush()
+            self._write("completions.jsonl", "".join(json.dumps({"step": step, **c}) + "\n"
+                                                     for c in scores["completions"]), mode="a")
+            if self.tracker:
+                accuracies = {"eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
+                self.tracker.log(step, {} if when.startswith("step") else accuracies, scores["completions"])
 
     def log(self, step, metrics, scores=None):
         """Write step `step`'s metrics; `scores` (evaluate_splits(), when the step was scored) are
@@ -1365,49 +1374,16 @@ class Logger:
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         self.warn_truncation(metrics.get("rollout/truncated", 0.0), f"the sampled responses of step {step}")
         self._write("metrics.jsonl", json.dumps({"step": step, **metrics}) + "\n", mode="a")
-        self.to_report.append((step, metrics, ()))
-        self._flush()
+        if self.tracker:
+            self.tracker.log(step, metrics)
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
                               if k in ("train/loss", "rewards/accuracy", "rollout/reward_mean", "train/grad_norm")},
                              refresh=False)
         self.bar.update(1)
 
-    def _flush(self):
-        """Write the waiting responses and send the waiting reports, once start() has run."""
-        if self.bar is None:
-            return
-        if self.completions:
-            self._write("completions.jsonl", "".join(self.completions), mode="a")
-            self.completions = []
-        while self.to_report:
-            report = self.to_report.pop(0)
-            if self.tracker:
-                self.tracker.log(*report)
-
-    def start(self, step, values):
-        """Start the progress bar at the loop's first step, after `step` (0, or the step a resumed run
-        continues after: metrics.jsonl and completions.jsonl keep their lines up to it and drop the later
-        ones, which a killed run may have logged after its last state, and the responses of a finished
-        run's evaluation after training, unless --eval-every scores that step too); open the tracker
-        (its run id kept in `values`, the training state's)."""
-        if self.d.main and step:
-            scored = self.args.eval_every and step % self.args.eval_every == 0
-            for name in ("metrics.jsonl", "completions.jsonl"):
-                path, kept = self.out / name, []
-                for line in (path.read_text().splitlines() if path.exists() else []):
-                    try:
-                        at = json.loads(line)["step"]
-                        if at < step or at == step and (scored or name == "metrics.jsonl"):
-                            kept.append(line + "\n")
-                    except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-                        pass
-                self._write(name, "".join(kept))
-            self.completions, self.to_report = [], []  # (the evaluation before training: written and reported then)
+    def start(self, step):
+        """Start the progress bar at the loop's first step, after `step` (0, or the resumed run's)."""
         self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
-        if self.d.main and self.args.report_to != "none":
-            run_id = values.setdefault("tracker_run", f"{random.SystemRandom().getrandbits(32):08x}")
-            self.tracker = Tracker(self.args.report_to, self.args, run_id, step)
-        self._flush()
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write <out>/summary.json (the fields, and the
@@ -1585,7 +1561,7 @@ class Checkpointer:
         start the log at its step and return that step; 0 in a fresh run. Called just before the loop,
         after anything that needs the initial weights (DPO's reference log-probs)."""
         if self.state is None:
-            log.start(0, self.values)
+            log.start(0)
             return 0
         from torch.distributed.checkpoint import HuggingFaceStorageReader, load
         from torch.distributed.checkpoint.api import CheckpointException
@@ -1616,7 +1592,7 @@ class Checkpointer:
             else:
                 v.copy_(saved["carried"][k])
         log.print(f"resumed from {folder} after step {step}")
-        log.start(step, self.values)
+        log.start(step)
         return step
 
     def sigterm(self):

@@ -233,7 +233,7 @@ def main():
     no_teacher_total = torch.zeros((), dtype=torch.long)  # Hard prompts skipped so far (updated in place)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, teacher_draws=teacher_draws,
                         no_teacher_total=no_teacher_total)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args, d, ckpt)
     log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
 
     before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))

@@ -110,7 +110,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
-    log = Logger(args.out, d, args.steps, args)
+    log = Logger(args, d, ckpt)
     log.banner(args, args.batch_size, args.micro_batch_size, "sequences")
 
     before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
