@@ -629,9 +629,8 @@ def peak_mem_gb(device):
 
 
 # ----------------------------------------------------------------------------- log-probs
-# Per-token log-probs log pi(y_t | x, y_<t) of the response tokens, what every loss reads. The truth is
-# reference_logprobs(), log_softmax of the model's own logits; the fast path, logprobs(), computes the
-# same numbers chunk by chunk (LogprobModel). A probe compares the two on every model loaded.
+# The truth is reference_logprobs(), log_softmax of the model's own logits; logprobs() computes the same
+# numbers chunk by chunk (LogprobModel), and a probe compares the two on every model loaded.
 
 # model_type prefix -> the factor its CausalLM multiplies lm_head(h) by (before any soft-cap)
 _LOGIT_SCALE = {
@@ -992,9 +991,9 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
                                                                    tokenizer.eos_token_id)])
         out["policy_logp"] = torch.cat([logprobs(model, select_rows(out, slice(i, i + n))) for i in range(0, B, n)])
         return out
-    # inverse-CDF uniforms, step by step: one per row of the GLOBAL batch, alike on every process (each
-    # takes its block), so a seeded run samples the same responses on 1 or N processes and in any
-    # micro-batches; drawn from a copy of the default generator, which then moves as the steps kept would
+    # inverse-CDF uniforms, one per row of the GLOBAL batch (each process takes its block): the same responses
+    # on 1 or N processes, in any micro-batches; from a copy of the default generator, moved on as they would be
+
     rng = torch.Generator(d.device).set_state(torch.cuda.get_rng_state(d.device) if d.device.type == "cuda"
                                               else torch.get_rng_state())
     draws = []
@@ -1254,9 +1253,8 @@ class Logger:
         if not d.main:
             return
         self._write("args.json", json.dumps(dataclasses.asdict(args), indent=2))
-        # a resumed run keeps the lines up to its state's step and drops the later ones, which the killed run
-        # may have logged after its last state, and the responses of a finished run's evaluation after
-        # training, unless --eval-every scores that step too
+        # a resumed run keeps the lines up to its state's step, not those the killed run logged after it (nor a
+        # finished run's evaluation after training, unless --eval-every scores that step too)
         scored = args.eval_every and self.first % args.eval_every == 0
         for name in ("metrics.jsonl", "completions.jsonl"):
             path, kept = self.out / name, []
@@ -1308,8 +1306,7 @@ class Logger:
             for c in scores["completions"][:2]:
                 self.print(f"  {c['prompt']} -> {c['response']}  ({'right' if c['reward'] else 'wrong'})")
         self.warn_truncation(max(scores["truncated"], scores["ood_truncated"]), "the greedy evaluation responses")
-        # once (the summary's scores may be the last step's, written), and in a resumed run not the evaluation
-        # before training again
+        # once (the summary's scores may be the last step's); a resumed run wrote the evaluation before training
         if self.d.main and scores is not self.last_scores and step >= self.first:
             self.last_scores = scores
             self._write("completions.jsonl", "".join(json.dumps({"step": step, **c}) + "\n"
@@ -1363,9 +1360,8 @@ def check_finite(loss, step, out):
 
 # ----------------------------------------------------------------------------- training state
 
-# Arguments a resumed run may change: its length and saving (the data order and the schedule do not
-# depend on --steps), the run folder, and settings of memory, not maths. The process count is compared
-# on its own (--gpus 2 and torchrun with 2 processes are the same command).
+# Arguments a resumed run may change: its length and saving (the data order and schedule do not depend on
+# --steps), the run folder, settings of memory, not maths (the process count is compared on its own).
 RESUME_MAY_DIFFER = ("steps", "save_every", "eval_every", "resume", "out", "gpus", "gradient_checkpointing",
                      "offload_teacher", "generation_batch_size", "report_to")
 
