@@ -46,9 +46,9 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_max, all_sum, batches, check_divisible,
+from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
-                    load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb,
+                    all_max, load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb,
                     prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
                     seed_everything, select_rows, shard_model, warmup_schedule)
 
@@ -144,36 +144,28 @@ class Args:
 
 # ----------------------------------------------------------------------------- the method
 
-RATIO_CAP = 10.0  # C: the detached ratio in the loss is capped here (reference code)
-
-
 def group_advantages(scores, group_size):
-    """(B,) scores of groups of group_size adjacent responses -> (B,) advantages: R - group mean, no std
-    division (Dr. GRPO's), so an all-right or all-wrong group gets 0."""
+    """(B,) scores, groups of group_size adjacent responses -> (B,) advantages R - group mean (no std: Dr. GRPO's)."""
     rewards = scores.view(-1, group_size)
     centred = rewards - rewards.mean(-1, keepdim=True)
     return centred.view(-1)
 
 
 def binary_divergence(logp, rollout_logp, kind):
-    """Eqs. 13-14, the vocabulary collapsed to {sampled token, rest}: "tv" |mu - pi|, "kl"
-    mu log(mu / pi) + (1 - mu) log((1 - mu) / (1 - pi)), mu = exp(rollout_logp), pi = exp(logp). (B, T)."""
+    """Eqs. 13-14 on {a_t, rest}: "tv" |mu - pi|, "kl" mu log(mu / pi) + (1 - mu) log((1 - mu) / (1 - pi)). (B, T)."""
     logp, rollout_logp = logp.detach(), rollout_logp.detach()
     if kind == "tv":
         return (rollout_logp.exp() - logp.exp()).abs()
-    rest_mu = (-torch.expm1(rollout_logp)).clamp(min=1e-12)                    # 1 - mu, accurately
-    rest_pi = (-torch.expm1(logp)).clamp(min=1e-12)
+    rest_mu, rest_pi = ((-torch.expm1(x)).clamp(min=1e-12) for x in (rollout_logp, logp))  # 1 - mu, accurately
     return rollout_logp.exp() * (rollout_logp - logp) + rest_mu * (rest_mu.log() - rest_pi.log())
 
 
 def topk_divergence(logp_set, rollout_logp_set, kind):
-    """Eqs. 15-16 over a token set (last dim: mu's top-K plus the sampled token) and an "other" bucket with the
-    rest of the mass (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl" sum p_mu log(p_mu / p_pi).
-    Entries of -inf in both (a token listed twice) are zero mass. (B, T, K) -> (B, T)."""
+    """Eqs. 15-16 over the last dim's token set (mu's top-K, a_t; -inf in both: zero mass) and an "other" bucket
+    (1 - sum, clamped at 1e-12): "tv" 1/2 sum |p_mu - p_pi|, "kl" sum p_mu log(p_mu / p_pi). (B, T, K) -> (B, T)."""
     logp_set, rollout_logp_set = logp_set.detach(), rollout_logp_set.detach()
     p_pi, p_mu = logp_set.exp(), rollout_logp_set.exp()
-    other_pi = (1 - p_pi.sum(-1)).clamp(min=1e-12)                            # (B, T)
-    other_mu = (1 - p_mu.sum(-1)).clamp(min=1e-12)
+    other_pi, other_mu = ((1 - p.sum(-1)).clamp(min=1e-12) for p in (p_pi, p_mu))   # (B, T)
     if kind == "tv":
         return 0.5 * ((p_mu - p_pi).abs().sum(-1) + (other_mu - other_pi).abs())
     in_set = torch.where(p_mu > 0, p_mu * (rollout_logp_set - logp_set), torch.zeros_like(p_mu)).sum(-1)
@@ -181,8 +173,7 @@ def topk_divergence(logp_set, rollout_logp_set, kind):
 
 
 def with_sampled_token(topk_values, sampled_values, topk_ids, sampled_ids):
-    """Log-probs at mu's top-K (B, T, K) and at the sampled token (B, T) -> (B, T, K + 1) over the set
-    TopK U {a_t}; where a_t is already among the top-K its extra entry is -inf (zero mass)."""
+    """Log-probs at mu's top-K (B, T, K) and at a_t (B, T) -> (B, T, K + 1) over TopK U {a_t}; a_t listed: -inf."""
     listed = (topk_ids == sampled_ids[..., None]).any(-1)                      # (B, T)
     return torch.cat([topk_values, sampled_values.masked_fill(listed, float("-inf"))[..., None]], -1)
 
@@ -190,22 +181,20 @@ def with_sampled_token(topk_values, sampled_values, topk_ids, sampled_ids):
 def dppo_mask(logp, rollout_logp, advantages, divergence, delta):
     """Eq. 12: 0 where the update would move further outside the trust region, else 1. (B, T) float."""
     ratio = torch.exp(logp.detach() - rollout_logp)
-    outside = divergence > delta
     away = (advantages > 0) & (ratio > 1) | (advantages < 0) & (ratio < 1)
-    return (~(outside & away)).float()
+    return (~((divergence > delta) & away)).float()
 
 
 def dppo_loss(logp, rollout_logp, advantages, mask, response_mask, n_tokens=None):
     """-A * sg(min(rho, C)) * M * log pi_theta, summed over valid tokens / n_tokens (default: their count),
     whose gradient is that of -token_mean(M * rho * A) (Eq. 11) wherever rho < C. Inputs (B, T)."""
-    ratio = torch.exp(logp.detach() - rollout_logp).clamp(max=RATIO_CAP)
+    ratio = torch.exp(logp.detach() - rollout_logp).clamp(max=10.0)  # C, as the reference code
     losses = -advantages * ratio * mask * logp
     return (losses * response_mask).sum() / (response_mask.sum() if n_tokens is None else n_tokens)
 
 
 def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_tokens=None):
-    """The baseline, GRPO's clipped surrogate with "ClipHigher" bounds [1 - clip_low, 1 + clip_high]: max(-A rho,
-    -A clip(rho)) summed over valid tokens / n_tokens (default: their count, the token mean). All (B, T)."""
+    """Baseline max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)), token sum / n_tokens (default: their count)."""
     ratio = torch.exp((logp - rollout_logp) * mask)                                    # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
     return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
@@ -214,8 +203,7 @@ def clip_loss(logp, rollout_logp, advantages, mask, clip_low, clip_high, n_token
 @contextmanager
 @torch.no_grad()  # each step of the generator; the caller's block keeps its own grad mode
 def rounded_weights(model, dtype):
-    """Within the block, the model's weights hold their values rounded to `dtype` (in their own dtype); after it,
-    their exact values again. A sampler that differs from the learner, as a bf16 engine's copy of an fp32 policy."""
+    """Within the block the weights hold their values rounded to `dtype` (as a bf16 engine's copy); then exact again."""
     exact = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.copy_(p.to(dtype))
@@ -278,7 +266,8 @@ def main():
             for j in torch.randperm(args.minibatches).tolist():
                 minibatch = list(range(j, len(mine), args.minibatches))
                 # per-process share of the minibatch's normaliser: the gradient all-reduce averages over processes
-                n = all_sum(mask[minibatch].sum(), d).item() / d.world
+                count = mask[minibatch].sum().item()
+                n = all_sum(count, d).item() / d.world
                 losses = torch.zeros(1, dtype=torch.float64)
                 for mb in micro_batches(minibatch, args.micro_batch_size):
                     b = select_rows(rollout, mb)
@@ -288,7 +277,7 @@ def main():
                     if topk:  # D over mu's top-K and the sampled token, with an "other" bucket
                         sampled_ids = b["input_ids"][:, b["prompt_width"]:]
                         divergence = topk_divergence(
-                            with_sampled_token(out["gather_logp"].detach(), out["logp"].detach(), b["topk_ids"], sampled_ids),
+                            with_sampled_token(out["gather_logp"], out["logp"], b["topk_ids"], sampled_ids),
                             with_sampled_token(b["topk_logp"], rollout_logp[mb], b["topk_ids"], sampled_ids), kind) * m
                     else:
                         divergence = binary_divergence(out["logp"], rollout_logp[mb], kind) * m
