@@ -342,7 +342,6 @@ def rank_slice(items, d):
 def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
     """The micro-batch size to use once a global batch is checked to split into processes and micro-batches:
     --micro-batch-size, or a process's share when that is smaller (defaults work on any --gpus)."""
-
     if batch_size % d.world:
         raise UserError(f"--{what.replace('_', '-')} {batch_size} does not divide by the {d.world} processes")
     per_rank = batch_size // d.world
@@ -1298,7 +1297,6 @@ class Logger:
 
     def evaluation(self, when, scores, step=0):
         """Print an evaluate_splits() result (two responses before and after training), write its responses."""
-
         cut = (f" (truncated: {scores['truncated']:.0%} ID, {scores['ood_truncated']:.0%} OOD)"
                if scores["truncated"] or scores["ood_truncated"] else "")
         self.print(f"{when}: accuracy {scores['accuracy']:.3f}, OOD accuracy {scores['ood_accuracy']:.3f}{cut}")
@@ -1332,9 +1330,9 @@ class Logger:
                              refresh=False)
         self.bar.update(1)
 
-    def start(self, step):
-        """Start the progress bar at the loop's first step, after `step` (0, or the resumed run's)."""
-        self.bar = tqdm(total=self.total, initial=step, disable=not self.d.main, dynamic_ncols=True)
+    def start(self):
+        """Start the progress bar at the loop's first step (after the step a resumed run continues from)."""
+        self.bar = tqdm(total=self.total, initial=self.first, disable=not self.d.main, dynamic_ncols=True)
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write and print summary.json (fields, accuracy_before, ...)."""
@@ -1499,7 +1497,7 @@ class Checkpointer:
         """Load the state read at start-up and return its step (0 in a fresh run); just before the loop,
         after anything that needs the initial weights (DPO's reference log-probs)."""
         if self.state is None:
-            log.start(0)
+            log.start()
             return 0
         from torch.distributed.checkpoint import HuggingFaceStorageReader, load
         from torch.distributed.checkpoint.api import CheckpointException
@@ -1530,7 +1528,7 @@ class Checkpointer:
             else:
                 v.copy_(saved["carried"][k])
         log.print(f"resumed from {folder} after step {step}")
-        log.start(step)
+        log.start()
         return step
 
     def sigterm(self):
