@@ -59,12 +59,8 @@ WORLD = Path(__file__).resolve().parent / "world"  # the embedded tiny world (se
 def _field_docs(cls):
     """Map field name -> the docstring written under it in the class body (CleanRL/tyro style)."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)
+            and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
 
 
 # The allowed values of the numeric flags every script shares; an Args class adds its own, or overrides
@@ -150,15 +146,12 @@ def _open_data(path):
     """open(path, "rb") for a JSONL file; what stops it (no such file, a folder, no permission) in one line."""
     try:
         return open(path, "rb")
-    except (FileNotFoundError, NotADirectoryError):
-        why = "does not exist"
-    except IsADirectoryError:
-        why = "is a folder, not a JSONL file"
-    except PermissionError:
-        why = "cannot be read (permission denied)"
     except (OSError, ValueError) as e:
-        why = f"is not a usable path ({e})"
-    raise UserError(f"data file '{path}' {why}")
+        why = {FileNotFoundError: "does not exist", NotADirectoryError: "does not exist",
+               IsADirectoryError: "is a folder, not a JSONL file",
+               PermissionError: "cannot be read (permission denied)"}.get(type(e), f"is not a usable path ({e})")
+        raise UserError(f"data file '{path}' {why}") from None
+
 
 
 def check_paths(args):
@@ -435,9 +428,6 @@ def load_model(path, d, trainable=True):
             lm = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
     except Exception as e:  # as for the tokenizer
         raise _cannot_load("model", path, e) from None
-    for m in lm.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
     lm.config.use_cache = False
     model = LogprobModel(lm).to(d.device)
     if not trainable:
@@ -992,7 +982,6 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
         return out
     # inverse-CDF uniforms, one per row of the GLOBAL batch (each process takes its block): the same responses
     # on 1 or N processes, in any micro-batches; from a copy of the default generator, moved on as they would be
-
     rng = torch.Generator(d.device).set_state(torch.cuda.get_rng_state(d.device) if d.device.type == "cuda"
                                               else torch.get_rng_state())
     draws = []
@@ -1205,19 +1194,17 @@ class Tracker:
 
     def __init__(self, kind, args, run_id, step):
         self.kind, config, name = kind, dataclasses.asdict(args), f"{Path(args.out).name}-{run_id}"
-        if kind == "wandb":  # (its environment applies: WANDB_PROJECT, WANDB_MODE=offline, ...)
-            import wandb
-            self.lib = wandb
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "post-training"), name=name, id=run_id,
-                                  resume="allow", dir=args.out, config=config)
-        elif kind == "trackio":  # (a local store under TRACKIO_DIR; `trackio show` serves it)
-            import trackio
-            self.lib = self.run = trackio
-            trackio.init(project="post-training", name=name, config=config, resume="allow")
-        else:  # a resumed run drops what the killed one wrote after its state's step
+        if kind == "tensorboard":  # a resumed run drops what the killed one wrote after its state's step
             from torch.utils.tensorboard import SummaryWriter
             self.run = SummaryWriter(Path(args.out) / "tensorboard", purge_step=step + 1 if step else None)
             self.run.add_text("args", self._markdown(("argument", "value"), config.items()), step)
+        else:  # wandb's environment applies (WANDB_PROJECT, WANDB_MODE=offline); trackio's store is TRACKIO_DIR
+            self.lib = importlib.import_module(kind)
+            where = (dict(project=os.environ.get("WANDB_PROJECT", "post-training"), id=run_id, dir=args.out)
+                     if kind == "wandb" else dict(project="post-training"))
+            self.run = self.lib.init(**where, name=name, config=config, resume="allow")
+
+
 
     def log(self, step, metrics, completions=()):
         rows = [[c[k] for k in COMPLETION_COLUMNS] for c in completions]
@@ -1545,7 +1532,6 @@ class Checkpointer:
     def _on_sigterm(self, signum, frame):
         """The first SIGTERM asks to stop after this step; another over a second later stops at once (one within
         a second is the same request, from a scheduler and from the --gpus launcher passing it on)."""
-
         if self.stop_at is None:
             self.stop_at = time.monotonic()
         elif time.monotonic() - self.stop_at > 1:
