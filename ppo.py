@@ -24,6 +24,8 @@ Implementation details:
      --lora-rank the policy with its adapters off, no copy); it scores each rollout batch once.
   4. mu's log-probs are those sample() recorded while drawing the tokens, of logits / temperature, used in the
      KL penalty and as the ratio's denominator (no recomputation): keep --temperature 1 for rho_t = 1 at first.
+     --vllm --tis-cap C puts the learner's pi_old there and weights each token's policy loss by min(pi_old / mu, C).
+
   5. GAE with gamma 1, lambda 0.95 (Huang et al.) over response tokens, the value after the last token 0;
      returns = advantages + values; advantages whitened over every valid token of the global rollout batch.
   6. Minibatch j holds the responses whose index is j modulo --minibatches (the same set on 1 or N processes,
@@ -57,7 +59,7 @@ from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_
 class Args:
     # the allowed values of this file's numeric flags (common.RANGES: those every script shares)
     ranges = {"clip_eps": ">= 0", "value_clip": ">= 0", "kl_coef": ">= 0", "gamma": "[0, 1]", "lam": "[0, 1]",
-              "critic_lr": "> 0"}
+              "critic_lr": "> 0", "tis_cap": ">= 0"}
     model: str = str(WORLD / "student")
     """causal LM to train (also the reference and the critic's initialisation): a folder or a hub id"""
     data: str = str(WORLD / "prompts.jsonl")
@@ -88,6 +90,9 @@ class Args:
     it before each rollout (README: vLLM)"""
     vllm_memory: float = 0.3
     """the share of the GPU's memory the vLLM engine takes, for its weights and KV cache"""
+    tis_cap: float = 0.0
+    """with --vllm, truncated importance sampling: the ratio's denominator is the learner's own log-prob of the
+    rollout (pi_old), and each token's loss is weighted by min(pi_old / mu, this cap), mu the engine's (0: off)"""
     max_new_tokens: int = 48
     """longest response sampled (and generated at evaluation)"""
     max_prompt_length: int = 0
@@ -156,12 +161,13 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logp, rollout_logp, advantages, mask, clip_eps, n_tokens=None):
-    """The clipped surrogate (Eq. 7), as a loss. All inputs (B, T); mask 1 on valid tokens. Sum over
-    valid tokens / n_tokens (default: this batch's valid-token count, i.e. the token mean)."""
+def policy_loss(logp, rollout_logp, advantages, mask, clip_eps, n_tokens=None, weight=None):
+    """The clipped surrogate (Eq. 7), as a loss. All inputs (B, T); mask 1 on valid tokens; `weight` (like mask;
+    --tis-cap) multiplies each token's loss. Sum over valid tokens / n_tokens (default: this batch's valid-token
+    count, i.e. the token mean)."""
     ratio = torch.exp((logp - rollout_logp) * mask)                        # (B, T)
     losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    return (losses * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+    return (losses * mask * (1 if weight is None else weight)).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 def value_loss(values, old_values, returns, mask, clip, n_tokens=None):
@@ -228,6 +234,8 @@ def critic_values(critic, batch):
 
 def main():
     args = parse_args(Args)
+    if args.tis_cap and not args.vllm:
+        raise UserError("--tis-cap corrects the mismatch of --vllm's sampler; without --vllm there is none")
     d = init_distributed(args.gpus)
     check_divisible(args.prompts_per_step, 1, d, "prompts_per_step")
     responses = args.prompts_per_step // d.world * args.group_size  # per process
@@ -266,6 +274,10 @@ def main():
         scores = torch.tensor([reward(t, r["answer"]) for t, r in zip(decode_responses(tokenizer, rollout), mine)],
                               device=d.device)
         mask, rollout_logp = rollout["response_mask"], rollout["logp"]
+        tis = None
+        if args.tis_cap:  # truncated importance sampling: min(pi_old / mu, C) per token, rho against pi_old
+            tis = ((rollout["policy_logp"] - rollout_logp).exp().clamp(max=args.tis_cap) * mask)       # (B, T)
+            rollout_logp = rollout["policy_logp"]
         ref_logp, old_values = [], []
         with torch.no_grad():
             for mb in micro_batches(list(range(len(mine))), args.micro_batch_size):
@@ -290,7 +302,8 @@ def main():
                     out = model(b["input_ids"], b["attention_mask"], b["prompt_width"], entropy=True)
                     new_values = critic_values(critic, b)
                     m, adv = b["response_mask"], advantages[mb]
-                    pg = policy_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_eps, n_tokens)
+                    pg = policy_loss(out["logp"], rollout_logp[mb], adv, m, args.clip_eps, n_tokens,
+                                     None if tis is None else tis[mb])
                     vf = value_loss(new_values, old_values[mb], returns[mb], m, args.value_clip, n_tokens)
                     (pg + vf).backward()
                     with torch.no_grad():

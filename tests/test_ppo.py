@@ -62,12 +62,13 @@ def test_gae_with_gamma_lambda_one_is_monte_carlo_return_minus_value():
 
 # ----------------------------------------------------------------------------- losses
 
-def _naive_policy_loss(logp, old, adv, lengths, eps):
+def _naive_policy_loss(logp, old, adv, lengths, eps, weight=None):
     terms = []
     for i, n in enumerate(lengths):
         for t in range(n):
             rho = math.exp(logp[i][t] - old[i][t])
-            terms.append(max(-adv[i][t] * rho, -adv[i][t] * min(max(rho, 1 - eps), 1 + eps)))
+            w = 1.0 if weight is None else weight[i][t]
+            terms.append(w * max(-adv[i][t] * rho, -adv[i][t] * min(max(rho, 1 - eps), 1 + eps)))
     return sum(terms) / len(terms)
 
 
@@ -86,6 +87,18 @@ def test_policy_loss_matches_naive_reference(eps):
     got = ppo.policy_loss(logp, old, adv, mask, eps)
     assert got.item() == pytest.approx(_naive_policy_loss(logp.tolist(), old.tolist(), adv.tolist(), lengths, eps),
                                        rel=1e-12)
+
+
+def test_truncated_importance_weights_scale_each_token():
+    """--tis-cap: policy_loss's `weight` (min(pi_old / mu, C)) multiplies each token's loss; still the token mean."""
+    logp, old, adv, mask, lengths = _policy_inputs(seed=3)
+    mu = old + 0.6 * torch.randn(old.shape, generator=torch.Generator().manual_seed(4), dtype=old.dtype)
+    weight = (old - mu).exp().clamp(max=2.0) * mask
+    assert (weight[mask.bool()] == 2.0).any() and (weight[mask.bool()] < 1).any()
+    got = ppo.policy_loss(logp, old, adv, mask, 0.2, weight=weight)
+    want = _naive_policy_loss(logp.tolist(), old.tolist(), adv.tolist(), lengths, 0.2, weight.tolist())
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert got.item() != pytest.approx(ppo.policy_loss(logp, old, adv, mask, 0.2).item(), rel=1e-3)
 
 
 def test_policy_loss_gradient_is_zero_exactly_where_the_clip_binds():

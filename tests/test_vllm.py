@@ -93,7 +93,8 @@ def test_after_a_step_the_engine_samples_the_new_weights(engine, head32, cpu):
     assert (after["logp"] - before).abs().max() > 100 * TOLERANCE  # (the step moved them that far)
 
 
-@pytest.mark.parametrize("script,extra", [("grpo.py", ()), ("grpo.py", ("--tis-cap", 2)), ("opd.py", ())])
+@pytest.mark.parametrize("script,extra", [("grpo.py", ()), ("grpo.py", ("--tis-cap", 2)), ("ppo.py", ("--tis-cap", 2)),
+                                          ("opd.py", ())])
 def test_a_run_with_vllm_trains_on_the_engines_samples(script, extra, head32, digits, tmp_path):
     """A short run (OPD's teacher: another random model): every step's rollout came from weights equal to
     the learner's (logp_diff within TOLERANCE: a push that failed would leave the engine at the initial
@@ -120,6 +121,7 @@ def test_vllm_missing_is_one_line(tmp_path):
     assert not json.dumps(os.listdir(tmp_path / "run")).count("model")
 
 
-def test_tis_cap_needs_vllm(tmp_path):
-    proc = run("grpo.py", "--tis-cap", 2, "--steps", 1, "--out", tmp_path / "run")
+@pytest.mark.parametrize("script", ["ppo.py", "grpo.py"])
+def test_tis_cap_needs_vllm(script, tmp_path):
+    proc = run(script, "--tis-cap", 2, "--steps", 1, "--out", tmp_path / "run")
     one_line_error(proc, "--tis-cap", "without --vllm")
