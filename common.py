@@ -157,21 +157,20 @@ def _open_data(path):
 def check_paths(args):
     """Before any model loads: the JSONL files read (the test splits in full), --model and --teacher are not
     files (a --teacher folder holds weights), --out is a folder we may write that no other run holds."""
-    names = {f.name for f in dataclasses.fields(args)}
-    if "data" in names:
+    if hasattr(args, "data"):
         _open_data(args.data).close()
     for name in ("eval_data", "ood_data"):
-        if name in names:
+        if hasattr(args, name):
             read_jsonl(getattr(args, name), EVAL_FIELDS)
     for name in ("model", "teacher"):
-        if name in names:
+        if hasattr(args, name):
             path, exists = _existing(getattr(args, name), name)
             if exists and not path.is_dir():
                 raise UserError(f"--{name} '{path}' is a file; give the model's folder (or a Hugging Face hub id)")
             if name == "teacher" and exists and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
                 raise UserError(f"--teacher '{path}' holds no weights (*.safetensors or *.bin): a teacher must be "
                                 f"a trained model")
-    if "out" in names:  # created here, before any model loads (a refused run leaves it empty)
+    if hasattr(args, "out"):  # created here, before any model loads (a refused run leaves it empty)
         out, exists = _existing(args.out, "out")
         if exists and not out.is_dir():
             raise UserError(f"--out '{out}' is a file; give a folder for the run")
@@ -1232,7 +1231,7 @@ class Logger:
     responses to <out>/completions.jsonl, all of it to the --report-to tracker. Made after the Checkpointer."""
 
     def __init__(self, args, d, ckpt):
-        self.d, self.out, self.args, self.total = d, Path(args.out), args, args.steps
+        self.d, self.out, self.args = d, Path(args.out), args
         self.first = ckpt.state["step"] if ckpt.state else 0  # the step the loop continues after
         self.bar = self.tracker = self.last_scores = None
         self.warned_truncation = False
@@ -1264,9 +1263,9 @@ class Logger:
         except OSError as e:
             raise UserError(f"cannot write '{self.out / name}' ({type(e).__name__}: {_first_line(e)})") from None
 
-    def banner(self, args, batch_size, micro_batch_size, unit):
+    def banner(self, batch_size, micro_batch_size, unit):
         """Print the arguments and the batch arithmetic once at start-up."""
-        self.print("\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(args).items()))
+        self.print("\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(self.args).items()))
         per_rank = batch_size // self.d.world
         self.print(f"global batch {batch_size} {unit} = {self.d.world} process(es) x {per_rank // micro_batch_size} "
                    f"micro-batch(es) x {micro_batch_size}; device {self.d.device}")
@@ -1319,11 +1318,11 @@ class Logger:
 
     def start(self):
         """Start the progress bar at the loop's first step (after the step a resumed run continues from)."""
-        self.bar = tqdm(total=self.total, initial=self.first, disable=not self.d.main, dynamic_ncols=True)
+        self.bar = tqdm(total=self.args.steps, initial=self.first, disable=not self.d.main, dynamic_ncols=True)
 
     def summary(self, before, after, **fields):
         """Print the scores after training; write and print summary.json (fields, accuracy_before, ...)."""
-        self.evaluation("after training", after, self.total)
+        self.evaluation("after training", after, self.args.steps)
         self.bar.close()
         if self.tracker:
             self.tracker.finish()

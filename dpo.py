@@ -140,7 +140,7 @@ def main():
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args, d, ckpt)
-    log.banner(args, args.batch_size, args.micro_batch_size, "pairs")
+    log.banner(args.batch_size, args.micro_batch_size, "pairs")
     plan = [rank_slice(indices, d) for indices in batches(len(rows), args.batch_size, args.steps, args.seed)]
 
     # Reference log-probs: the initial policy scores every micro-batch this run will train on, then

@@ -234,7 +234,7 @@ def main():
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, teacher_draws=teacher_draws,
                         no_teacher_total=no_teacher_total)
     log = Logger(args, d, ckpt)
-    log.banner(args, args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
+    log.banner(args.prompts_per_step, args.micro_batch_size, f"prompts (x {args.group_size} samples)")
 
     before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)

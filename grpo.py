@@ -201,7 +201,7 @@ def main():
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args, d, ckpt)
-    log.banner(args, minibatch_size, args.micro_batch_size, "sequences")
+    log.banner(minibatch_size, args.micro_batch_size, "sequences")
 
     before = ckpt.remember("before", lambda: evaluate_splits(model, tokenizer, args, d))
     log.evaluation("before training", before)

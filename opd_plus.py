@@ -191,7 +191,7 @@ def main():
     scheduler = warmup_schedule(optimizer, args.warmup_steps)
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler)
     log = Logger(args, d, ckpt)
-    log.banner(args, args.prompts_per_step * args.group_size, args.micro_batch_size, "sequences")
+    log.banner(args.prompts_per_step * args.group_size, args.micro_batch_size, "sequences")
 
     teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
                                                                  args.max_new_tokens)[0])

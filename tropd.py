@@ -249,7 +249,7 @@ def main():
     trust_draws = torch.Generator(d.device).manual_seed(args.seed)  # same on every process: global batch
     ckpt = Checkpointer(args, d, tokenizer, model, optimizer, scheduler, trust_draws=trust_draws)
     log = Logger(args, d, ckpt)
-    log.banner(args, args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, "sequences")
+    log.banner(args.prompts_per_step * (args.group_size + 1), args.micro_batch_size, "sequences")
 
     teacher_acc = ckpt.remember("teacher_acc", lambda: evaluate(teacher, tokenizer, args.eval_data, d,
                                                                  args.max_new_tokens)[0])
