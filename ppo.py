@@ -25,7 +25,6 @@ Implementation details:
   4. mu's log-probs are those sample() recorded while drawing the tokens, of logits / temperature, used in the
      KL penalty and as the ratio's denominator (no recomputation): keep --temperature 1 for rho_t = 1 at first.
      --vllm --tis-cap C puts the learner's pi_old there and weights each token's policy loss by min(pi_old / mu, C).
-
   5. GAE with gamma 1, lambda 0.95 (Huang et al.) over response tokens, the value after the last token 0;
      returns = advantages + values; advantages whitened over every valid token of the global rollout batch.
   6. Minibatch j holds the responses whose index is j modulo --minibatches (the same set on 1 or N processes,
@@ -36,9 +35,8 @@ Implementation details:
      and rho > 1 + eps, or A < 0 and rho < 1 - eps), approx_kl (k3 = (rho - 1) - log rho), entropy, value loss
      and clipfrac; per rollout: reward mean, response length, kl_ref (token mean of log mu - log pi_ref), and
      the critic's explained variance for the returns.
-  8. Tiny-world defaults: 64 prompts x 4 at lr 1e-4, tuned on the ID split of the first world (answers of
-     2-4 tokens); 20 rollout steps, not that world's 60, as each costs four updates of policy and critic over
-     longer responses. On real models use rates like the example's (Huang et al. use 3e-6).
+  8. Tiny-world defaults: 64 prompts x 4 at lr 1e-4 (tuned on the first world's ID split), 20 rollout steps (each
+     costs four updates of policy and critic); on real models use rates like the example's (Huang et al.: 3e-6).
 """
 
 import time
