@@ -19,6 +19,7 @@ every response starts at column W = `prompt_width`. Response tensors are (B, R) 
 
 import argparse
 import ast
+import atexit
 import dataclasses
 import fcntl
 import importlib.util
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import typing
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -254,7 +256,15 @@ def run(main):
         while _held:  # the run folder is free again (for a main() run again in this process)
             _held.popitem()[1].close()
         if dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # (ours: on one process, vLLM's)
-            dist.destroy_process_group()  # (left to the interpreter's exit, gloo's threads may abort the process)
+            dist.destroy_process_group()
+            # then leave without the interpreter's teardown, in which a gloo process now and then aborted
+            # ("terminate called without an active exception", seen in CI); the atexit handlers still run
+            error = sys.exc_info()[1]
+            if error is not None and not isinstance(error, SystemExit):
+                traceback.print_exception(error)  # (a bug: its traceback, as the interpreter would print it)
+            atexit._run_exitfuncs()
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit((error.code or 0) if isinstance(error, SystemExit) else int(error is not None))
 
 
 # ----------------------------------------------------------------------------- distributed
