@@ -155,7 +155,6 @@ def _open_data(path):
         raise UserError(f"data file '{path}' {why}") from None
 
 
-
 def check_paths(args):
     """Before any model loads: the JSONL files read (the test splits in full), --model and --teacher are not
     files (a --teacher folder holds weights), --out is a folder we may write that no other run holds."""
@@ -1212,8 +1211,6 @@ class Tracker:
             where = (dict(project=os.environ.get("WANDB_PROJECT", "post-training"), id=run_id, dir=args.out)
                      if kind == "wandb" else dict(project="post-training"))
             self.run = self.lib.init(**where, name=name, config=config, resume="allow")
-
-
 
     def log(self, step, metrics, completions=()):
         rows = [[c[k] for k in COMPLETION_COLUMNS] for c in completions]

@@ -507,25 +507,26 @@ def test_batches_partial_last_epoch():
 GATHER_COUNT = r'''
 import sys
 sys.path.insert(0, sys.argv[1])
-import os, torch, torch.distributed as dist, common
+import torch, torch.distributed as dist, common
 from types import SimpleNamespace
-d = common.init_distributed(2)
-model = common.shard_model(common.load_model(sys.argv[2], d), d)
-calls = []
-for name in ("all_gather_single", "all_gather_into_tensor"):  # what FSDP2 gathers with (its name in torch 2.13, before)
-    if hasattr(dist, name):
-        setattr(dist, name, lambda *a, real=getattr(dist, name), **k: calls.append(1) or real(*a, **k))
-torch.manual_seed(0)
-out = common.sample(model, SimpleNamespace(pad_token_id=0, eos_token_id=-1), [[1, 2, 3]] * 2, d, int(sys.argv[3]))
-assert out["input_ids"].shape[1] == 3 + int(sys.argv[3])
-if d.main:
-    print("gathers", len(calls), flush=True)
-# Both processes finish their pending gathers before either tears gloo down, then leave without the
-# interpreter's teardown, as common.run() does (in it a gloo process now and then aborted: "terminate
-# called without an active exception", exit 250 from the launcher).
-dist.barrier()
-dist.destroy_process_group()
-os._exit(0)
+
+
+def main():
+    d = common.init_distributed(2)
+    model = common.shard_model(common.load_model(sys.argv[2], d), d)
+    calls = []
+    for name in ("all_gather_single", "all_gather_into_tensor"):  # what FSDP2 gathers with (its name in torch 2.13, before)
+        if hasattr(dist, name):
+            setattr(dist, name, lambda *a, real=getattr(dist, name), **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    out = common.sample(model, SimpleNamespace(pad_token_id=0, eos_token_id=-1), [[1, 2, 3]] * 2, d, int(sys.argv[3]))
+    assert out["input_ids"].shape[1] == 3 + int(sys.argv[3])
+    if d.main:
+        print("gathers", len(calls), flush=True)
+    dist.barrier()  # both processes finish their pending gathers before run() tears gloo down
+
+
+common.run(main)  # (which leaves a multi-process run without the interpreter's teardown, where gloo could abort)
 '''
 
 

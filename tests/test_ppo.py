@@ -101,13 +101,15 @@ def test_truncated_importance_weights_scale_each_token():
     assert got.item() != pytest.approx(ppo.policy_loss(logp, old, adv, mask, 0.2).item(), rel=1e-3)
 
 
-def test_policy_loss_gradient_is_zero_exactly_where_the_clip_binds():
-    """d loss / d logp_t = -A_t rho_t / N, except 0 where the clip is active: A > 0 and rho > 1 + eps,
-    or A < 0 and rho < 1 - eps."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_policy_loss_gradient_is_zero_exactly_where_the_clip_binds(weighted):
+    """d loss / d logp_t = -w_t A_t rho_t / N, except 0 where the clip is active: A > 0 and rho > 1 + eps,
+    or A < 0 and rho < 1 - eps; w_t 1, or --tis-cap's weight (the weighted case)."""
     eps = 0.2
     logp, old, adv, mask, lengths = _policy_inputs(seed=3)
+    weight = torch.rand(old.shape, generator=torch.Generator().manual_seed(5), dtype=old.dtype) * 2 if weighted else None
     logp.requires_grad_(True)
-    ppo.policy_loss(logp, old, adv, mask, eps).backward()
+    ppo.policy_loss(logp, old, adv, mask, eps, weight=weight).backward()
     N = sum(lengths)
     active = 0
     for i, n in enumerate(lengths):
@@ -115,7 +117,8 @@ def test_policy_loss_gradient_is_zero_exactly_where_the_clip_binds():
             rho, a = math.exp(logp[i, t].item() - old[i, t].item()), adv[i, t].item()
             clipped = (a > 0 and rho > 1 + eps) or (a < 0 and rho < 1 - eps)
             active += t < n and clipped
-            want = 0.0 if t >= n or clipped else -a * rho / N
+            w = weight[i, t].item() if weighted else 1.0
+            want = 0.0 if t >= n or clipped else -w * a * rho / N
             assert logp.grad[i, t].item() == pytest.approx(want, abs=1e-12), (i, t)
     assert active > 0
 
