@@ -11,7 +11,7 @@ Sections, in the order a training script uses them, and what a method file gets 
   rewards         reward(): 0/1 on a response's last \\boxed{}, number after ####, or last number
   evaluation      evaluate_splits(): greedy accuracy and truncated share on the test splits
   logging         Logger: the bar, metrics.jsonl, completions.jsonl, summary.json, the --report-to tracker
-  training state  Checkpointer: --save-every, --resume and SIGTERM; writing(): a failed write stops all
+  (state.py)      Checkpointer, the training state (--save-every, --resume, SIGTERM), is a module of its own
 
 Sequence layout used everywhere: a batch row is [left-padded prompt | right-padded response], so
 every response starts at column W = `prompt_width`. Response tensors are (B, R) with R = T - W.
@@ -106,13 +106,10 @@ def parse_args(cls, argv=None):
     choices = {f.name: typing.get_args(f.type) for f in dataclasses.fields(cls) if typing.get_origin(f.type) is typing.Literal}
     for f in dataclasses.fields(cls):
         flags = ["--" + f.name.replace("_", "-"), *([aliases[f.name]] if f.name in aliases else [])]
-        if type(f.default) is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=docs.get(f.name, ""))
-        else:
-            extra = f" (allowed: {allowed.get(f.name) or ', '.join(choices[f.name])})" if f.name in {**allowed, **choices} else ""
-            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default,
-                                help=docs.get(f.name, "") + extra)
+        kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
+        values = allowed.get(f.name) or ", ".join(choices.get(f.name, ()))
+        parser.add_argument(*flags, dest=f.name, default=f.default, **kind,
+                            help=docs.get(f.name, "") + (f" (allowed: {values})" if values else ""))
     args = cls(**vars(parser.parse_args(argv)))
     for f in dataclasses.fields(cls):
         flag, value, spec = "--" + f.name.replace("_", "-"), getattr(args, f.name), allowed.get(f.name)
@@ -169,8 +166,7 @@ def check_paths(args):
             if exists and not path.is_dir():
                 raise UserError(f"--{name} '{path}' is a file; give the model's folder (or a Hugging Face hub id)")
             if name == "teacher" and exists and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-                raise UserError(f"--teacher '{path}' holds no weights (*.safetensors or *.bin): a teacher must be "
-                                f"a trained model")
+                raise UserError(f"--teacher '{path}' holds no weights (*.safetensors or *.bin): give a trained model")
     if hasattr(args, "out"):  # created here, before any model loads (a refused run leaves it empty)
         out, exists = _existing(args.out, "out")
         if exists and not out.is_dir():
@@ -195,12 +191,9 @@ def lock_out(out, check_only=False):
     path = (Path(out) / LOCK).resolve()
     if path in _held:
         return
-    try:
-        f = open(path, "r" if check_only else "a+")
-    except OSError:
-        if check_only:  # no lock file (or none this process may read): no live run holds the folder
-            return
-        raise
+    if check_only and not os.access(path, os.R_OK):  # no lock file (or none we may read): no live run holds it
+        return
+    f = open(path, "r" if check_only else "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -225,8 +218,7 @@ VERBOSE = "POSTTRAIN_VERBOSE"  # =1: the libraries' own progress bars, logs and 
 
 
 def quiet_libraries():
-    """Silence the libraries' progress bars and logs, and Python warnings, unless VERBOSE=1 or the user chose
-    warning filters (python -W, PYTHONWARNINGS: the tests make deprecations errors)."""
+    """Silence the libraries' bars and logs and Python's warnings, unless VERBOSE=1 or -W / PYTHONWARNINGS is set."""
     if os.environ.get(VERBOSE) == "1":
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -312,14 +304,13 @@ def _spawn(n):
         procs.append(subprocess.Popen([sys.executable] + sys.argv, env=env))
     # a scheduler's SIGTERM to this launcher goes on to every process, which saves and exits (Checkpointer)
     signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
-    code = 0
+    failed = []  # the exit status of the first process that failed
     while any(p.poll() is None for p in procs):  # if one process fails, stop the others
-        if any(p.returncode not in (None, 0) for p in procs):
-            code = next(p.returncode for p in procs if p.returncode not in (None, 0))
-            for p in procs:
-                p.terminate()
+        failed = failed or [p.returncode for p in procs if p.returncode not in (None, 0)]
+        for p in procs if failed else ():
+            p.terminate()
         time.sleep(0.2)
-    sys.exit(code or max(p.returncode for p in procs))
+    sys.exit(failed[0] if failed else max(p.returncode for p in procs))
 
 
 def all_sum(x, d, op=dist.ReduceOp.SUM):
@@ -341,8 +332,7 @@ def rank_slice(items, d):
 
 
 def check_divisible(batch_size, micro_batch_size, d, what="batch_size"):
-    """The micro-batch size to use once a global batch is checked to split into processes and micro-batches:
-    --micro-batch-size, or a process's share when that is smaller (defaults work on any --gpus)."""
+    """Check that a global batch splits into processes and micro-batches; the micro-batch size, at most a share."""
     if batch_size % d.world:
         raise UserError(f"--{what.replace('_', '-')} {batch_size} does not divide by the {d.world} processes")
     per_rank = batch_size // d.world
@@ -363,7 +353,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def _first_line(e):
+def first_line(e):
     return (str(e).strip().splitlines() or [""])[0]
 
 
@@ -378,12 +368,11 @@ def _cannot_load(what, path, e):
             if f.suffix == ".json":
                 json.loads(f.read_text())
             elif f.suffix == ".safetensors":
-                with safe_open(f, "pt"):
-                    pass
+                safe_open(f, "pt")  # (it reads the header, which a cut copy's length contradicts)
         except Exception as damage:  # (safetensors' SafetensorError is neither an OSError nor a ValueError)
             return UserError(f"cannot load {what} '{path}': '{f.name}' is damaged or unreadable "
-                             f"({_first_line(damage)})")
-    return UserError(f"cannot load {what} '{path}': {type(e).__name__}: {_first_line(e)}")
+                             f"({first_line(damage)})")
+    return UserError(f"cannot load {what} '{path}': {type(e).__name__}: {first_line(e)}")
 
 
 def load_tokenizer(path):
@@ -421,9 +410,8 @@ def _without_dropout(config):
 
 
 def load_model(path, d, trainable=True):
-    """A LogprobModel from a folder or hub id (a folder with a config and no weights: random weights). Trained
-    models stay fp32 (bf16 compute from autocast / FSDP), frozen ones load in bf16 under the bf16 policy.
-    Dropout is off, as in TRL (it would add noise to every ratio). A probe then checks the log-probs."""
+    """A LogprobModel from a folder or hub id (config without weights: random weights), dropout off as in TRL;
+    trained ones fp32 (bf16 compute from autocast / FSDP), frozen ones bf16 under the bf16 policy; probed."""
     from transformers import AutoConfig, AutoModelForCausalLM
     dtype = torch.bfloat16 if not trainable and bf16_policy(d.device) else torch.float32
     p = Path(path)
@@ -445,8 +433,7 @@ def load_model(path, d, trainable=True):
 
 
 def decoder_layers(lm):
-    """A model's repeated blocks, children before parents: the modules of the classes it names in
-    `_no_split_modules` (LlamaDecoderLayer, GPT2Block, ...), else the children of its longest nn.ModuleList."""
+    """A model's repeated blocks, children first: its `_no_split_modules` classes, else the longest ModuleList's."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
     layers = [m for m in lm.modules() if type(m).__name__ in names]
     if not layers:
@@ -473,7 +460,7 @@ def add_lora(model, args):
     try:
         peft.inject_adapter_in_model(model.lora, model.lm)  # (freezes every weight of model.lm but the adapters)
     except ValueError as e:  # no module of that name
-        raise UserError(f"--lora-targets: {_first_line(e)}") from None
+        raise UserError(f"--lora-targets: {first_line(e)}") from None
     return model
 
 
@@ -494,8 +481,7 @@ class AdaptersOff:
             for m in self.layers:
                 m.enable_adapters(True)
 
-    def to(self, device):  # (free_memory: nothing of its own to move)
-        return self
+    to = lambda self, device: self  # noqa: E731 (free_memory: nothing of its own to move)
 
 
 def load_reference(args, d, model):
@@ -556,8 +542,7 @@ def full_state(model, d, cpu_offload):
 
 
 def save_checkpoint(model, tokenizer, path, d):
-    """save_pretrained into a temporary sibling renamed into place, so `path` always holds a complete model;
-    a LoRA model merged, its adapter in PEFT's format in `path`/adapter."""
+    """save_pretrained to a temporary sibling renamed into place (`path` always whole); LoRA merged, adapter/ PEFT's."""
     lora = getattr(model, "lora", None)
     state = full_state(model, d, cpu_offload=True) if d.world > 1 or lora else None
     path, tmp = Path(path), None
@@ -597,7 +582,7 @@ def writing(path, d, cleanup=None):
     if all_max(float(error is not None), d).item() > 0:
         if d.main and cleanup:
             cleanup()
-        why = f"{type(error).__name__}: {_first_line(error)}" if error else "another process failed to write"
+        why = f"{type(error).__name__}: {first_line(error)}" if error else "another process failed to write"
         raise UserError(f"cannot write '{path}' ({why}); the last complete one is untouched")
 
 
@@ -639,17 +624,15 @@ _LOGIT_SCALE = {
 
 
 def logit_transform(config):
-    """(scale, softcap) of the family's logits = softcap * tanh(scale * lm_head(h) / softcap), or
-    scale * lm_head(h) without a softcap: Gemma 2/3 soft-cap, Granite and Cohere scale."""
+    """(scale, softcap): logits = softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h) if None."""
     c = config.get_text_config()
     scale = next((f(c) for prefix, f in _LOGIT_SCALE.items() if c.model_type.startswith(prefix)), None)
     return float(1.0 if scale is None else scale), getattr(c, "final_logit_softcapping", None)
 
 
 class LogprobModel(nn.Module):
-    """A Hugging Face causal LM whose forward returns the response tokens' log-probs, from the final hidden
-    states a chunk of rows at a time under activation checkpointing (no more than one chunk's fp32 logits
-    held); under FSDP2 the root unit, so its hooks gather the embedding, norm and head like any layer."""
+    """A causal LM whose forward gives the response tokens' log-probs, the head applied a chunk of rows at a time
+    under activation checkpointing (one chunk's fp32 logits held); under FSDP2 the root unit (head gathered)."""
 
     def __init__(self, lm, chunk_bytes=256 * 2**20):
         super().__init__()
@@ -714,8 +697,7 @@ def logprobs(model, batch):
 
 
 def reference_logprobs(model, batch):
-    """The same (B, R) log-probs the plain way, log_softmax of the model's full (B, T, V) logits: exact, and
-    too big for real vocabularies (the probe and the tests use it)."""
+    """The same (B, R) log-probs as log_softmax of the full (B, T, V) logits: exact, for the probe and tests."""
     ids, mask, W = batch["input_ids"], batch["attention_mask"], batch["prompt_width"]
     logits = model(ids, mask, None, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.float()  # (B, T, V)
     logp = logits[:, W - 1:-1].log_softmax(-1).gather(-1, ids[:, W:, None]).squeeze(-1)  # (B, R)
@@ -835,8 +817,7 @@ def prompt_ids(tokenizer, prompt):
 
 
 def response_ids(tokenizer, response):
-    """Token ids of a response (a string, or chat messages whose contents are joined), ending in EOS;
-    a response fit_context cut to the model's context is already ids (a tuple), without EOS."""
+    """Ids of a response (a string, or messages' contents joined) and EOS; a tuple fit_context cut: as is, no EOS."""
     if isinstance(response, tuple):
         return list(response)
     if isinstance(response, list):
@@ -883,9 +864,8 @@ def drop_long_prompts(rows, tokenizer, path, limit, why):
 
 
 def fit_context(rows, tokenizer, args, cut=(), reserve=0):
-    """The records of --data that fit the model's (and teacher's) context: a prompt leaving no room for
-    --max-new-tokens + `reserve`, or over --max-prompt-length, is dropped; a response of the `cut` fields
-    that does not fit is cut from the right and kept as ids (for response_ids), without EOS."""
+    """The --data records that fit the model's (and teacher's) context: a prompt over --max-prompt-length or
+    leaving no room for --max-new-tokens + `reserve` dropped, a `cut` field's response cut to fit (ids, no EOS)."""
     from transformers import AutoConfig
     contexts = []
     for path in filter(None, (args.model, getattr(args, "teacher", None))):
@@ -958,8 +938,7 @@ def micro_batches(items, size):
 
 @contextmanager
 def gathered(model):
-    """Under FSDP2, the model's full weights for the block, each unit gathered once, not once per forward (a
-    generation makes one a token); meanwhile every process holds them in the compute dtype."""
+    """Under FSDP2 the model's full weights for the block, each unit gathered once, not once per forward (token)."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # (not imported: nothing is sharded; see writing())
     units = [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)] if fsdp else []
     for m in units:
@@ -976,11 +955,10 @@ def gathered(model):
 @torch.no_grad()
 def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy=False, topk=0, micro_batch_size=0,
            check_every=0, engine=None):
-    """KV-cache generation from `prompts` (id lists): the pad_batch dict of [prompt | response] plus `logp`
-    (B, R), each sampled token's log-prob under logits / temperature; `truncated` (B,): no EOS; with topk=K
-    `topk_ids`, `topk_logp` (B, R, K). micro_batch_size rows decode at a time (same responses). All rows ended
-    is asked every `check_every` tokens (a sync): by default each on one CPU process, else every 8. With
-    `engine` (VLLM) `logp` is the engine's (mu) and `policy_logp` (B, R) the model's of the same tokens."""
+    """KV-cache generation from `prompts` (id lists): pad_batch's dict of [prompt | response], `logp` (B, R) of each
+    sampled token under logits / temperature, `truncated` (B,): no EOS, with topk=K `topk_ids`, `topk_logp` (B, R, K).
+    micro_batch_size rows decode at a time (same responses); all ended? is asked every `check_every` tokens (default:
+    1 on one CPU process, else 8). With `engine` (VLLM), `logp` is mu's and `policy_logp` (B, R) the model's."""
     B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
     if engine is not None:
         engine.push(model, d)
@@ -1135,10 +1113,8 @@ def extract_answer(text):
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.replace(",", "")
-    if "####" in text:
-        found = _NUMBER.findall(text[text.rfind("####") + 4:])[:1]  # the number right after it
-    else:
-        found = _NUMBER.findall(text)[-1:]
+    found = _NUMBER.findall(text[text.rfind("####") + 4:])[:1] if "####" in text else _NUMBER.findall(text)[-1:]
+
     return found[0].replace(",", "") if found else None
 
 
@@ -1160,16 +1136,15 @@ def reward(response, answer):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256, show=4):
-    """Greedy decoding on a JSONL split of {prompt, answer}, a share per rank: (accuracy, truncated share,
-    the first `show` problems as {prompt, response, reward})."""
+    """Greedy (accuracy, truncated share, first `show` {prompt, response, reward}) on a JSONL {prompt, answer}."""
     rows = read_jsonl(path, EVAL_FIELDS)
     context = context_length(model.lm.config)
     rows, _ = drop_long_prompts(rows, tokenizer, path, context and context - max_new_tokens,
                                 f"the model's context of {context} tokens less --max-new-tokens {max_new_tokens}")
     share = math.ceil(len(rows) / d.world)
     mine = rows[d.rank * share:(d.rank + 1) * share]
-    correct = truncated = 0.0
-    shown = []
+    correct, truncated, shown = 0.0, 0.0, []
+
     for i in range(0, share, batch_size):  # the same number of calls on every rank (collectives)
         chunk = mine[i:i + batch_size]
         out = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in chunk or rows[:1]], d,
@@ -1197,8 +1172,7 @@ COMPLETION_COLUMNS = ("split", "prompt", "response", "reward")
 
 
 class Tracker:
-    """--report-to: metrics.jsonl's lines, the arguments and the evaluation responses (a table) sent to wandb,
-    trackio or TensorBoard (<out>/tensorboard) from rank 0; `run_id` lets a --resume continue the run."""
+    """--report-to: metrics, arguments, evaluation responses to wandb, trackio or TensorBoard (<out>/tensorboard)."""
 
     def __init__(self, kind, args, run_id, step):
         self.kind, config, name = kind, dataclasses.asdict(args), f"{Path(args.out).name}-{run_id}"
@@ -1234,8 +1208,8 @@ class Tracker:
 
 
 class Logger:
-    """Metrics to a tqdm bar and <out>/metrics.jsonl (a line per step), evaluations printed and their first
-    responses to <out>/completions.jsonl, all of it to the --report-to tracker. Made after the Checkpointer."""
+    """Metrics to the bar, metrics.jsonl and --report-to; evaluations printed, their first responses written."""
+
 
     def __init__(self, args, d, ckpt):
         self.d, self.out, self.args = d, Path(args.out), args
@@ -1245,19 +1219,11 @@ class Logger:
         if not d.main:
             return
         self._write("args.json", json.dumps(dataclasses.asdict(args), indent=2))
-        # a resumed run keeps the lines up to its state's step, not those the killed run logged after it (nor a
-        # finished run's evaluation after training, unless --eval-every scores that step too)
-        scored = args.eval_every and self.first % args.eval_every == 0
+        # the bytes appended to each file, saved with the training state: a resumed run keeps what was logged up to
+        # its state's save, not what the killed run logged after it (a fresh run, nothing)
+        self.logged = ckpt.values.setdefault("logged", {})
         for name in ("metrics.jsonl", "completions.jsonl"):
-            path, kept = self.out / name, []
-            for line in (path.read_text().splitlines() if self.first and path.exists() else []):
-                try:
-                    at = json.loads(line)["step"]
-                    if at < self.first or at == self.first and (scored or name == "metrics.jsonl"):
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-                    pass
-            self._write(name, "".join(kept))
+            self._write(name, "", mode="a")
         if args.report_to != "none":  # (the run id is kept in the training state)
             run_id = ckpt.values.setdefault("tracker_run", f"{random.SystemRandom().getrandbits(32):08x}")
             self.tracker = Tracker(args.report_to, args, run_id, self.first)
@@ -1266,9 +1232,13 @@ class Logger:
         """Write (or append) a file of the run folder; an OS error (a full disk, ...) stops the run with one line."""
         try:
             with (self.out / name).open(mode) as f:
+                if mode == "a":  # first cut to what this run has logged (a no-op but after a resume)
+                    f.truncate(min(self.logged.get(name, 0), f.tell()))
+                    self.logged[name] = self.logged.get(name, 0) + len(text.encode())
                 f.write(text)
+
         except OSError as e:
-            raise UserError(f"cannot write '{self.out / name}' ({type(e).__name__}: {_first_line(e)})") from None
+            raise UserError(f"cannot write '{self.out / name}' ({type(e).__name__}: {first_line(e)})") from None
 
     def banner(self, batch_size, micro_batch_size, unit):
         """Print the arguments and the batch arithmetic once at start-up."""
@@ -1347,199 +1317,3 @@ def check_finite(loss, step, out):
         ckpt = Path(out) / "model"
         kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
         raise UserError(f"the loss is {loss} at step {step}; stopping ({kept})")
-
-
-# ----------------------------------------------------------------------------- training state
-
-# Arguments a resumed run may change: its length and saving (the data order and schedule do not depend on
-# --steps), the run folder, settings of memory, not maths (the process count is compared on its own).
-RESUME_MAY_DIFFER = ("steps", "save_every", "eval_every", "resume", "out", "gpus", "gradient_checkpointing",
-                     "offload_teacher", "generation_batch_size", "report_to")
-
-
-class Checkpointer:
-    """The full training state, so that a killed run continues to the weights it would have reached: with
-    --save-every N (and on SIGTERM) <out>/state/step-<S>/ holds sharded/*.safetensors (weights and optimizer
-    tensors, torch.distributed.checkpoint), rng-<rank>.pt (RNGs, the loop's generators and buffers) and,
-    written last, state.json (step, command, remembered values, optimizer groups, scheduler). Nothing unpickled."""
-
-    def __init__(self, args, d, tokenizer, model, optimizer, scheduler, **carried):
-        """`carried`: what else the loop needs to continue exactly, by name: a trained module (PPO's critic), a
-        torch.Generator it draws from, a tensor it updates in place. Without --resume, earlier state goes."""
-        self.args, self.d, self.tokenizer, self.model = args, d, tokenizer, model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        # one module tree over everything trained, so that the optimizer's parameters have names
-        self.modules = nn.ModuleDict({"model": model, **{k: v for k, v in carried.items() if isinstance(v, nn.Module)}})
-        self.carried = {k: v for k, v in carried.items() if not isinstance(v, nn.Module)}
-        self.root = Path(args.out) / "state"
-        self.identity = {"method": Path(sys.modules[type(args).__module__].__file__).stem, "processes": d.world,
-                         "args": {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_DIFFER}}
-        self.values, self.state, self.stop_at = {}, None, None
-        if d.main:
-            lock_out(args.out)
-        if args.resume:
-            self.state = self._read_state()
-            self.values = dict(self.state["values"])
-        elif d.main:
-            shutil.rmtree(self.root, ignore_errors=True)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _read_state(self):
-        """state.json of the newest state in --out that reads (a warning for each newer one), if this command's."""
-        out, damage = self.args.out, None
-        for done in sorted(self.root.glob("step-*/state.json"), reverse=True):
-            folder = done.parent
-            try:
-                state = json.loads(done.read_text())
-                shards = sorted((folder / "sharded").glob("*.safetensors"))
-                if not shards:
-                    raise FileNotFoundError(f"no weight shards in {folder / 'sharded'}")
-                for f in shards:
-                    with safe_open(f, "pt"):  # the header covers the file, as a cut copy's does not
-                        pass
-                for rank in range(state["processes"]):
-                    torch.load(folder / f"rng-{rank}.pt", weights_only=True)
-                break
-            except Exception as e:  # anything a damaged file raises, from OSError to safetensors' own
-                damage = f"{folder} cannot be read ({type(e).__name__}: {_first_line(e)})"
-                if self.d.main:
-                    tqdm.write(f"warning: --resume: the state {damage}; trying the one before")
-        else:
-            raise UserError(f"--resume: no training state in {out} can be read (the newest: {damage})" if damage
-                            else f"--resume: no training state in {out} (one is written every --save-every steps "
-                                 f"and on SIGTERM)")
-        mine = self.identity
-        if state["method"] != mine["method"]:
-            raise UserError(f"--resume: the state in {out} was written by {state['method']}.py, "
-                            f"not {mine['method']}.py")
-        if state["processes"] != mine["processes"]:
-            raise UserError(f"--resume: the state in {out} was written by {state['processes']} process(es) and "
-                            f"resumes on as many (--gpus {state['processes']}), not on {mine['processes']}")
-        for k in sorted(set(state["args"]) | set(mine["args"])):
-            if state["args"].get(k) != mine["args"].get(k):
-                may_differ = ", ".join("--" + a.replace("_", "-") for a in RESUME_MAY_DIFFER
-                                       if hasattr(self.args, a) and a not in ("resume", "out"))
-                raise UserError(f"--resume: the state in {out} comes from a different command: "
-                                f"--{k.replace('_', '-')} was {state['args'].get(k)}, is now {mine['args'].get(k)} "
-                                f"(a resumed run may change only {may_differ})")
-        if state["step"] > self.args.steps:
-            raise UserError(f"--resume: the state in {out} is at step {state['step']}, past --steps {self.args.steps}")
-        return {**state, "folder": folder}
-
-    def remember(self, name, compute):
-        """compute() in a fresh run; in a resumed one the value it gave then (the accuracy before training)."""
-        if name not in self.values:
-            self.values[name] = compute()
-        return self.values[name]
-
-    def _tensors(self, with_optimizer):
-        """(tensors to save or load in place, model state dict, optimizer state dict or None), as
-        torch.distributed.checkpoint takes them: FSDP shards as shards, tied weights once. (The optimizer has
-        tensors once it has stepped; asked before, it would take a zero step.)"""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        tied = ({n for n, _ in self.modules.named_parameters(remove_duplicate=False)}
-                - {n for n, _ in self.modules.named_parameters()})
-        model_state = get_model_state_dict(self.modules)
-        tensors = {"model": {k: v for k, v in model_state.items() if k not in tied}}
-        optim_state = None
-        if with_optimizer:
-            optim_state = get_optimizer_state_dict(self.modules, self.optimizer)
-            tensors["optimizer"] = optim_state["state"]
-        return tensors, model_state, optim_state
-
-    def save(self, step):
-        """Every process: the state after step `step` (the one before kept, older ones removed), then <out>/model."""
-        from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
-        name = f"step-{step:08d}"
-        folder = self.root / name
-        # three blocks, each ending with the processes' agreement that it was written (a collective)
-        clean = lambda: shutil.rmtree(folder, ignore_errors=True)  # noqa: E731
-        with writing(folder, self.d, cleanup=clean):
-            if self.d.main:
-                clean()  # left by a save that was killed
-                folder.mkdir(parents=True)
-        with writing(folder, self.d, cleanup=clean):
-            tensors = self._tensors(with_optimizer=bool(self.optimizer.state))[0]
-            with warnings.catch_warnings():  # torch.distributed.checkpoint warns when it runs on one process
-                warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / "sharded"), save_distributed=True),
-                     no_dist=self.d.world == 1)
-            rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-            if self.d.device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(self.d.device)
-            carried = {k: v.get_state() if isinstance(v, torch.Generator) else v.detach().cpu().clone()
-                       for k, v in self.carried.items()}
-            torch.save({"rng": rng, "carried": carried}, folder / f"rng-{self.d.rank}.pt")
-        with writing(folder, self.d, cleanup=clean):
-            if self.d.main:
-                groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-                state = {"step": step, **self.identity, "values": self.values, "param_groups": groups,
-                         "optimizer_stepped": "optimizer" in tensors, "scheduler": self.scheduler.state_dict()}
-                # each file complete before its rename: the state, then the pointer to it
-                for path, text in ((folder / "state.json", json.dumps(state, indent=1)), (self.root / "latest", name)):
-                    path.with_suffix(".tmp").write_text(text)
-                    os.replace(path.with_suffix(".tmp"), path)
-        if self.d.main:  # keep this state and the newest complete one before it
-            before = max((f.parent for f in self.root.glob("step-*/state.json") if f.parent.name < name), default=None)
-            for old in self.root.glob("step-*"):
-                if old not in (folder, before):
-                    shutil.rmtree(old, ignore_errors=True)
-        save_checkpoint(self.model, self.tokenizer, Path(self.args.out) / "model", self.d)
-
-    def resume(self, log):
-        """Load the state read at start-up and return its step (0 in a fresh run); just before the loop,
-        after anything that needs the initial weights (DPO's reference log-probs)."""
-        if self.state is None:
-            log.start()
-            return 0
-        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
-        from torch.distributed.checkpoint.api import CheckpointException
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-        folder, step = self.state["folder"], self.state["step"]
-        for group, saved in zip(self.optimizer.param_groups, self.state["param_groups"]):
-            group.update(saved)
-        self.scheduler.load_state_dict(self.state["scheduler"])
-        tensors, model_state, optim_state = self._tensors(self.state["optimizer_stepped"])
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "torch.distributed is disabled")
-                load(tensors, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")),
-                     no_dist=self.d.world == 1)
-        except (Exception, CheckpointException) as e:  # damage the start-up checks cannot see (bytes, not lengths)
-            raise UserError(f"--resume: the state {folder} cannot be loaded ({type(e).__name__}: {_first_line(e)})")
-        set_model_state_dict(self.modules, model_state)  # (the tied entries share the loaded tensors)
-        if optim_state is not None:
-            set_optimizer_state_dict(self.modules, self.optimizer, optim_state)
-        saved = torch.load(folder / f"rng-{self.d.rank}.pt", weights_only=True)
-        torch.set_rng_state(saved["rng"]["torch"])
-        random.setstate(saved["rng"]["python"])
-        if "cuda" in saved["rng"]:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"], self.d.device)
-        for k, v in self.carried.items():
-            if isinstance(v, torch.Generator):
-                v.set_state(saved["carried"][k])
-            else:
-                v.copy_(saved["carried"][k])
-        log.print(f"resumed from {folder} after step {step}")
-        log.start()
-        return step
-
-    def sigterm(self):
-        """Whether a SIGTERM has reached any process (then every process stops after the same step)."""
-        return all_max(float(self.stop_at is not None), self.d).item() > 0
-
-    def exit(self, step):
-        """After the state of step `step` is saved on a SIGTERM: say how to continue, exit with 143."""
-        if self.d.main:
-            tqdm.write(f"stopped by SIGTERM after step {step}, state saved in {self.root}: "
-                       f"run the same command with --resume to continue")
-        sys.exit(143)
-
-    def _on_sigterm(self, signum, frame):
-        """The first SIGTERM asks to stop after this step; another over a second later stops at once (one within
-        a second is the same request, from a scheduler and from the --gpus launcher passing it on)."""
-        if self.stop_at is None:
-            self.stop_at = time.monotonic()
-        elif time.monotonic() - self.stop_at > 1:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)

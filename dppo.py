@@ -46,11 +46,12 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
+from common import (Logger, UserError, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
                     all_max, load_model, load_tokenizer, micro_batches, parse_args, peak_mem_gb,
                     prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
                     seed_everything, select_rows, shard_model, warmup_schedule)
+from state import Checkpointer
 
 
 @dataclass

@@ -47,11 +47,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
+from common import (Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
                     load_model, load_reference, load_tokenizer, logprobs, micro_batches, pad_batch, parse_args,
                     peak_mem_gb, prompt_ids, rank_slice, read_jsonl, response_ids, reward, rollout_mismatch, run,
                     sample, save_checkpoint, seed_everything, select_rows, shard_model, warmup_schedule)
+from state import Checkpointer
 
 
 @dataclass

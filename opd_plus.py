@@ -46,11 +46,12 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
+from common import (Logger, VLLM, WORLD, add_lora, all_sum, batches, check_divisible, check_finite,
                     check_same_tokenizer, clip_grad, decode_responses, evaluate, evaluate_splits, fit_context,
                     free_memory, init_distributed, load_model, load_tokenizer, logprobs, parse_args, peak_mem_gb,
                     prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
                     seed_everything, select_rows, shard_model, warmup_schedule)
+from state import Checkpointer
 
 
 @dataclass

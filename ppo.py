@@ -46,11 +46,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common import (Checkpointer, Logger, UserError, VLLM, WORLD, add_lora, all_sum, autocast, batches, check_divisible,
+from common import (Logger, UserError, VLLM, WORLD, add_lora, all_sum, autocast, batches, check_divisible,
                     check_finite, clip_grad, decode_responses, evaluate_splits, fit_context, init_distributed,
                     load_model, load_reference, load_tokenizer, logprobs, micro_batches, parse_args, peak_mem_gb,
                     prompt_ids, rank_slice, read_jsonl, reward, rollout_mismatch, run, sample, save_checkpoint,
                     seed_everything, select_rows, shard_model, warmup_schedule)
+from state import Checkpointer
 
 
 @dataclass

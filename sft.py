@@ -27,10 +27,11 @@ from typing import Literal
 
 import torch
 
-from common import (Checkpointer, Logger, WORLD, add_lora, all_sum, batches, check_divisible, check_finite, clip_grad,
+from common import (Logger, WORLD, add_lora, all_sum, batches, check_divisible, check_finite, clip_grad,
                     evaluate_splits, fit_context, init_distributed, load_model, load_tokenizer, logprobs,
                     micro_batches, pad_batch, parse_args, peak_mem_gb, prompt_ids, rank_slice, read_jsonl,
                     response_ids, run, save_checkpoint, seed_everything, shard_model, warmup_schedule)
+from state import Checkpointer
 
 
 @dataclass
