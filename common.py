@@ -103,7 +103,8 @@ def parse_args(cls, argv=None):
     parser = _Parser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs, allowed, aliases = _field_docs(cls), flag_ranges(cls), getattr(cls, "aliases", {})
-    choices = {f.name: typing.get_args(f.type) for f in dataclasses.fields(cls) if typing.get_origin(f.type) is typing.Literal}
+    choices = {f.name: typing.get_args(f.type) for f in dataclasses.fields(cls)
+               if typing.get_origin(f.type) is typing.Literal}
     for f in dataclasses.fields(cls):
         flags = ["--" + f.name.replace("_", "-"), *([aliases[f.name]] if f.name in aliases else [])]
         kind = dict(action=argparse.BooleanOptionalAction) if type(f.default) is bool else dict(type=type(f.default))
@@ -285,7 +286,8 @@ def init_distributed(gpus):
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the processes of this machine
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return Dist(rank, world, device)
 
 
@@ -624,7 +626,7 @@ _LOGIT_SCALE = {
 
 
 def logit_transform(config):
-    """(scale, softcap): logits = softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h) if None."""
+    """(scale, softcap) of a family's logits: softcap * tanh(scale * lm_head(h) / softcap), or scale * lm_head(h)."""
     c = config.get_text_config()
     scale = next((f(c) for prefix, f in _LOGIT_SCALE.items() if c.model_type.startswith(prefix)), None)
     return float(1.0 if scale is None else scale), getattr(c, "final_logit_softcapping", None)
@@ -958,7 +960,7 @@ def sample(model, tokenizer, prompts, d, max_new_tokens, temperature=1.0, greedy
     """KV-cache generation from `prompts` (id lists): pad_batch's dict of [prompt | response], `logp` (B, R) of each
     sampled token under logits / temperature, `truncated` (B,): no EOS, with topk=K `topk_ids`, `topk_logp` (B, R, K).
     micro_batch_size rows decode at a time (same responses); all ended? is asked every `check_every` tokens (default:
-    1 on one CPU process, else 8). With `engine` (VLLM), `logp` is mu's and `policy_logp` (B, R) the model's."""
+    1 on one CPU process, else 8). With `engine` (VLLM) `logp` is the engine's (mu), `policy_logp` (B, R) ours."""
     B, W, n = len(prompts), max(map(len, prompts)), micro_batch_size or len(prompts)
     if engine is not None:
         engine.push(model, d)
@@ -1114,7 +1116,6 @@ def extract_answer(text):
     if boxed is not None:
         return boxed.replace(",", "")
     found = _NUMBER.findall(text[text.rfind("####") + 4:])[:1] if "####" in text else _NUMBER.findall(text)[-1:]
-
     return found[0].replace(",", "") if found else None
 
 
@@ -1144,7 +1145,6 @@ def evaluate(model, tokenizer, path, d, max_new_tokens, batch_size=256, show=4):
     share = math.ceil(len(rows) / d.world)
     mine = rows[d.rank * share:(d.rank + 1) * share]
     correct, truncated, shown = 0.0, 0.0, []
-
     for i in range(0, share, batch_size):  # the same number of calls on every rank (collectives)
         chunk = mine[i:i + batch_size]
         out = sample(model, tokenizer, [prompt_ids(tokenizer, r["prompt"]) for r in chunk or rows[:1]], d,
