@@ -309,8 +309,9 @@ def _spawn(n):
     failed = []  # the exit status of the first process that failed
     while any(p.poll() is None for p in procs):  # if one process fails, stop the others
         failed = failed or [p.returncode for p in procs if p.returncode not in (None, 0)]
-        for p in procs if failed else ():
-            p.terminate()
+        if failed:
+            for p in procs:
+                p.terminate()
         time.sleep(0.2)
     sys.exit(failed[0] if failed else max(p.returncode for p in procs))
 
